@@ -1,0 +1,122 @@
+"""Models built from configs (random weights): tests, the demo and the benchmark use these.
+
+No weights can be downloaded here, so every model is built from a config; the shapes of the
+"realistic" builders follow the checkpoints users load.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN_ID = 3
+PAD_TOKEN_ID = 0
+
+
+def text_config(model_type="llama", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=128):
+    """A small decoder config of the given family (llama, mistral, qwen2)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        model_type,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN_ID,
+        tie_word_embeddings=False,
+    )
+
+
+def llava_config(
+    *,
+    image_size=32,
+    patch_size=8,
+    vision_hidden=32,
+    vision_layers=3,
+    vision_heads=4,
+    text=None,
+    feature_layer=-2,
+    select_strategy="default",
+    attn_implementation="sdpa",
+) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text if text is not None else text_config(),
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=select_strategy,
+        image_seq_length=(image_size // patch_size) ** 2,
+    )
+    config._attn_implementation = attn_implementation
+    config.vision_config._attn_implementation = attn_implementation
+    config.text_config._attn_implementation = attn_implementation
+    return config
+
+
+def build_llava(config: LlavaConfig, seed: int = 0, dtype=torch.float32) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
+def tiny_llava(seed: int = 0, **kwargs) -> LlavaForConditionalGeneration:
+    """A few-layer LLaVA (CLIP tower 4x4 patches, 2-layer Llama): milliseconds per forward."""
+    return build_llava(llava_config(**kwargs), seed=seed)
+
+
+def llava15_shaped_config(scale: str = "realistic", attn_implementation="sdpa") -> LlavaConfig:
+    """LLaVA-1.5 shape: CLIP ViT-L/14-336 tower (576 tokens, layer -2) and a Llama LLM.
+
+    ``realistic``: the full ViT-L tower and a ~0.5B Llama (the benchmark's model).
+    ``small``: the same token geometry with a narrow tower and LLM (the demo's model).
+    """
+    if scale == "realistic":
+        vision = {"vision_hidden": 1024, "vision_layers": 24, "vision_heads": 16}
+        text = text_config(hidden=1024, layers=24, heads=16, kv_heads=16, intermediate=4096, vocab=32064)
+    elif scale == "small":
+        vision = {"vision_hidden": 192, "vision_layers": 6, "vision_heads": 3}
+        text = text_config(hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1024, vocab=32064)
+    else:
+        raise ValueError(f"scale must be 'realistic' or 'small', got {scale!r}")
+    config = llava_config(image_size=336, patch_size=14, text=text, attn_implementation=attn_implementation, **vision)
+    config.vision_config.intermediate_size = 4 * config.vision_config.hidden_size
+    return config
+
+
+def prompt_ids(text_lengths, num_images=1, tokens_per_image=16, seed=0, vocab=128) -> torch.Tensor:
+    """One prompt: random text tokens with ``num_images`` image blocks spread through it.
+
+    text_lengths: the text runs around the images (len = num_images + 1). Shape (L,).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for index, length in enumerate(text_lengths):
+        parts.append(torch.randint(4, vocab, (length,), generator=generator))
+        if index < num_images:
+            parts.append(torch.full((tokens_per_image,), IMAGE_TOKEN_ID))
+    return torch.cat(parts)
+
+
+def left_pad(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D id tensors into (input_ids, attention_mask)."""
+    length = max(s.numel() for s in sequences)
+    ids = torch.full((len(sequences), length), PAD_TOKEN_ID, dtype=torch.long)
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, length - seq.numel() :] = seq
+        mask[row, length - seq.numel() :] = 1
+    return ids, mask

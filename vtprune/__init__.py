@@ -1,0 +1,35 @@
+"""vtprune: training-free visual-token pruning for vision-language models.
+
+    import vtprune
+    handle = vtprune.patch(model, "fastervlm", keep_ratio=0.1)
+    model.generate(**inputs)
+    handle.last.stages        # what was kept
+    handle.remove()           # the model is exactly as before
+"""
+
+from vtprune import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
+from vtprune.api import get_handle, patch, patched, unpatch
+from vtprune.config import build_methods, parse_spec
+from vtprune.handle import PruneHandle, PruneRecord, Stage
+from vtprune.methods.base import BudgetConfig, Method, MethodConfig, VisualLayout
+from vtprune.registry import methods, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetConfig",
+    "Method",
+    "MethodConfig",
+    "PruneHandle",
+    "PruneRecord",
+    "Stage",
+    "VisualLayout",
+    "build_methods",
+    "get_handle",
+    "methods",
+    "parse_spec",
+    "patch",
+    "patched",
+    "register_method",
+    "unpatch",
+]

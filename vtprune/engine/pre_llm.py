@@ -1,0 +1,162 @@
+"""The before-the-LLM cut, model-agnostic.
+
+An adapter wires these callbacks to hooks on a loaded model:
+
+1. ``begin_prefill(image_token_mask, num_images)`` when a forward carries images;
+2. the adapter fills ``pending.scores`` from its probe in the vision tower (scored methods);
+3. ``language_model_pre_hook`` on the LLM module: at prefill it removes the pruned image
+   tokens from ``inputs_embeds``, ``attention_mask`` and ``position_ids``; at later decode
+   steps on the same cache it maps the mask and positions into the pruned coordinates;
+4. ``language_model_hook`` (forward hook) remembers which cache holds the pruned prompt.
+
+Positions: "compact" renumbers (each kept token moves down by the number of tokens removed
+before it; decode steps move down by the total removed), "original" keeps position ids.
+Decode steps read nothing back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.engine.sequence import SequenceCut, plan_cut
+from vtprune.methods.base import Method, VisualLayout
+
+
+@dataclass
+class PendingPrefill:
+    image_token_mask: torch.Tensor  # (B, L) bool
+    num_images: int
+    scores: torch.Tensor | None = None  # (num_images, N) fp32
+
+
+@dataclass
+class PrunedPrompt:
+    """What decode steps on the same cache need to stay consistent with the pruned prefill."""
+
+    cut: SequenceCut
+    original_length: int  # L
+    pruned_mask: torch.Tensor  # (B, L')
+    cache: object = None
+
+
+@dataclass
+class PrefillResult:
+    """Raw tensors of one prefill; :class:`vtprune.handle.PruneRecord` turns them into stats."""
+
+    kept: torch.Tensor  # (num_images, k) sorted indices per image
+    images_per_sample: torch.Tensor  # (B,)
+    real_tokens_before: torch.Tensor  # (B,)
+    real_tokens_after: torch.Tensor  # (B,)
+
+
+class PreLLMPruner:
+    def __init__(self, method: Method, layout: VisualLayout, on_prefill):
+        self.method = method
+        self.layout = layout
+        self.positions = method.config.positions
+        self.on_prefill = on_prefill  # callback(PrefillResult)
+        self.pending: PendingPrefill | None = None
+        self.prompt: PrunedPrompt | None = None
+
+    # -- called by the adapter --------------------------------------------------------------
+    def begin_prefill(self, image_token_mask: torch.Tensor, num_images: int) -> None:
+        self.pending = PendingPrefill(image_token_mask, num_images)
+        self.prompt = None
+
+    def reset(self) -> None:
+        self.pending = None
+        self.prompt = None
+
+    # -- hooks on the language model ----------------------------------------------------------
+    def language_model_pre_hook(self, module, args, kwargs):
+        if args:
+            raise TypeError("vtprune expects the language model to be called with keyword arguments")
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            return args, self._prune_prefill(pending, kwargs)
+        if self.prompt is not None and kwargs.get("cache") is not None and kwargs["cache"] is self.prompt.cache:
+            return args, self._continue_decode(self.prompt, kwargs)
+        return None
+
+    def language_model_hook(self, module, args, kwargs, output):
+        if self.prompt is not None and self.prompt.cache is None:
+            self.prompt.cache = getattr(output, "cache", None)
+
+    def prune_labels(self, labels: torch.Tensor, logits_length: int) -> torch.Tensor:
+        """Cut (B, L) labels like the prompt this forward pruned; -100 on added padding."""
+        prompt = self.prompt
+        if prompt is None or labels.shape[1] != prompt.original_length or logits_length != prompt.pruned_mask.shape[1]:
+            return labels
+        return prompt.cut.gather(labels, fill=-100)
+
+    # -- internals ------------------------------------------------------------------------
+    def _prune_prefill(self, pending: PendingPrefill, kwargs: dict) -> dict:
+        cache = kwargs.get("cache")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError(
+                "vtprune prunes a prompt at prefill; continuing an existing cache with new images is not "
+                "supported. Start from an empty cache."
+            )
+        embeds = kwargs["inputs_embeds"]
+        batch, length = embeds.shape[:2]
+        image_mask = pending.image_token_mask.to(embeds.device)
+        kept = self.method.select(pending.scores, pending.num_images, self.layout, embeds.device)
+        mask = kwargs.get("attention_mask")
+        images_per_sample = image_mask.sum(dim=1) // self.layout.num_tokens
+        if self.method.keeps_everything(self.layout):  # leave the inputs untouched: bit-identical
+            real = mask.sum(dim=1) if mask is not None else torch.full((batch,), length, device=embeds.device)
+            self.on_prefill(PrefillResult(kept, images_per_sample, real, real))
+            return kwargs
+        if mask is not None and mask.dim() != 2:
+            raise NotImplementedError("vtprune needs a 2-D attention mask (padding mask); got a 4-D mask")
+        mask2d = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+
+        image_keep = torch.zeros(pending.num_images, self.layout.num_tokens, dtype=torch.bool, device=embeds.device)
+        image_keep.scatter_(1, kept, True)
+        keep = (~image_mask).masked_scatter(image_mask, image_keep.flatten())
+        cut = plan_cut(keep)
+
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(length, device=embeds.device).expand(batch, length)
+        positions = positions.expand(batch, -1)
+        new_positions = cut.gather(positions)
+        if self.positions == "compact":
+            new_positions = new_positions - cut.removed_before * cut.valid
+        pruned_mask = cut.gather(mask2d)
+
+        kwargs = dict(kwargs, inputs_embeds=cut.gather(embeds), attention_mask=pruned_mask, position_ids=new_positions)
+        self.prompt = PrunedPrompt(cut=cut, original_length=length, pruned_mask=pruned_mask, cache=cache)
+        real_before = mask2d.sum(dim=1)
+        self.on_prefill(PrefillResult(kept, images_per_sample, real_before, real_before - cut.removed))
+        return kwargs
+
+    def _continue_decode(self, prompt: PrunedPrompt, kwargs: dict) -> dict:
+        embeds = kwargs["inputs_embeds"]
+        batch, query_length = embeds.shape[:2]
+        pruned_length = prompt.pruned_mask.shape[1]
+        cached_after_prompt = kwargs["cache"].get_seq_length() - pruned_length  # decode tokens already cached
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            extra = torch.ones(batch, cached_after_prompt + query_length, dtype=prompt.pruned_mask.dtype, device=embeds.device)
+        else:
+            if mask.dim() != 2:
+                raise NotImplementedError("vtprune needs a 2-D attention mask (padding mask); got a 4-D mask")
+            extra = mask[:, prompt.original_length :]
+            if extra.shape[1] != cached_after_prompt + query_length:
+                raise ValueError(
+                    f"attention_mask has {mask.shape[1]} columns but the pruned prompt continues with "
+                    f"{prompt.original_length} + {cached_after_prompt + query_length}; pass the mask of the full "
+                    "(unpruned) prompt plus the generated tokens"
+                )
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            # what the unpruned model would use: one column per unpruned cache entry
+            offset = prompt.original_length + cached_after_prompt
+            positions = (torch.arange(query_length, device=embeds.device) + offset).expand(batch, query_length)
+        if self.positions == "compact":
+            positions = positions - prompt.cut.removed[:, None]
+        new_mask = torch.cat([prompt.pruned_mask, extra.to(prompt.pruned_mask.dtype)], dim=1)
+        return dict(kwargs, attention_mask=new_mask, position_ids=positions)

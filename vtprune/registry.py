@@ -1,0 +1,42 @@
+"""Name -> method class registry (in the spirit of timm's model registry)."""
+
+from __future__ import annotations
+
+import difflib
+
+from vtprune.methods.base import Method
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Register a :class:`Method` subclass under ``cls.name``; usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError("register_method expects a subclass of vtprune.Method")
+    for attr in ("name", "config_class"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"{cls.__name__} must define {attr!r}")
+    if cls.stage not in ("pre_llm",):
+        raise ValueError(f"{cls.__name__}.stage must be 'pre_llm', got {cls.stage!r}")
+    existing = _METHODS.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({existing.__qualname__})")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        known = sorted(_METHODS)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown method {name!r}.{hint} Known methods: {', '.join(known)}") from None
+
+
+def methods() -> dict[str, dict[str, object]]:
+    """Registered methods: name -> {"paper", "stage", "options": {option: default}}."""
+    return {
+        name: {"paper": cls.paper, "stage": cls.stage, "options": cls.options()} for name, cls in sorted(_METHODS.items())
+    }
