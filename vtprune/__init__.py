@@ -1,10 +1,10 @@
 """vtprune: training-free visual-token pruning for vision-language models.
 
-    import vtprune
-    handle = vtprune.patch(model, "fastervlm", keep_ratio=0.1)
-    model.generate(**inputs)
-    handle.last.stages        # what was kept
-    handle.remove()           # the model is exactly as before
+import vtprune
+handle = vtprune.patch(model, "fastervlm", keep_ratio=0.1)
+model.generate(**inputs)
+handle.last.stages        # what was kept
+handle.remove()           # the model is exactly as before
 """
 
 from vtprune import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)

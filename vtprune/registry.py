@@ -38,5 +38,6 @@ def get_method(name: str) -> type[Method]:
 def methods() -> dict[str, dict[str, object]]:
     """Registered methods: name -> {"paper", "stage", "options": {option: default}}."""
     return {
-        name: {"paper": cls.paper, "stage": cls.stage, "options": cls.options()} for name, cls in sorted(_METHODS.items())
+        name: {"paper": cls.paper, "stage": cls.stage, "options": cls.options()}
+        for name, cls in sorted(_METHODS.items())
     }

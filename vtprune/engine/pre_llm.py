@@ -140,7 +140,9 @@ class PreLLMPruner:
         cached_after_prompt = kwargs["cache"].get_seq_length() - pruned_length  # decode tokens already cached
         mask = kwargs.get("attention_mask")
         if mask is None:
-            extra = torch.ones(batch, cached_after_prompt + query_length, dtype=prompt.pruned_mask.dtype, device=embeds.device)
+            extra = torch.ones(
+                batch, cached_after_prompt + query_length, dtype=prompt.pruned_mask.dtype, device=embeds.device
+            )
         else:
             if mask.dim() != 2:
                 raise NotImplementedError("vtprune needs a 2-D attention mask (padding mask); got a 4-D mask")

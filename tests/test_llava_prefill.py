@@ -1,0 +1,228 @@
+"""LLaVA-1.5 adapter with pre-LLM methods, against unpatched and eager references."""
+
+import pytest
+import torch
+from conftest import hook_counts
+from helpers import eager_cls_attention, pruned_reference_logits
+from vtprune.evals.toy_models import left_pad, prompt_ids, tiny_llava
+
+import vtprune
+from vtprune.methods.base import VisualLayout, top_k_sorted
+from vtprune.methods.baselines import uniform_grid_indices
+
+N = 16  # visual tokens per image of the tiny model (4 x 4 patches)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava(seed=1)
+
+
+def images(n, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def single(text=(4, 6), num_images=1, seed=0):
+    return prompt_ids(list(text), num_images=num_images, seed=seed).unsqueeze(0)
+
+
+def greedy(model, **inputs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=6, do_sample=False)
+
+
+def test_keep_all_is_bit_identical_and_remove_restores(model):
+    ids, px = single(), images(1)
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, pixel_values=px).logits
+    before = hook_counts(model)  # after a first forward: transformers adds its own capture hooks lazily
+    ref_tokens = greedy(model, input_ids=ids, pixel_values=px)
+    for method in ("fastervlm", "random", "uniform"):
+        handle = vtprune.patch(model, method, keep_ratio=1.0)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids, pixel_values=px).logits, ref_logits)
+        assert torch.equal(greedy(model, input_ids=ids, pixel_values=px), ref_tokens)
+        assert handle.last.visual_tokens_kept == [N]
+        handle.remove()
+    assert hook_counts(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, pixel_values=px).logits, ref_logits)
+    assert torch.equal(greedy(model, input_ids=ids, pixel_values=px), ref_tokens)
+
+
+def test_pruned_model_leaves_no_hooks_after_remove(model):
+    greedy(model, input_ids=single(), pixel_values=images(1))
+    before = hook_counts(model)
+    handle = vtprune.patch(model, "fastervlm", keep_tokens=4)
+    assert hook_counts(model) != before
+    greedy(model, input_ids=single(), pixel_values=images(1))
+    handle.remove()
+    assert hook_counts(model) == before
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+@pytest.mark.parametrize("feature_layer", [-2, -1, 1])
+def test_fastervlm_scores_and_kept_indices_match_eager_attention(strategy, feature_layer):
+    model = tiny_llava(seed=2, select_strategy=strategy, feature_layer=feature_layer)
+    num_tokens = N + (strategy == "full")
+    px = images(3, seed=5)
+    reference = eager_cls_attention(model, px)  # (3, num_tokens)
+    with vtprune.patched(model, "fastervlm", keep_tokens=5) as handle, torch.no_grad():
+        encoded = model.model.get_image_features(pixel_values=px)
+        ids = torch.cat([prompt_ids([2, 2, 2, 3], num_images=3, tokens_per_image=num_tokens)])[None]
+        model(input_ids=ids, pixel_values=px)
+    torch.testing.assert_close(encoded._vtprune_scores, reference, rtol=1e-5, atol=1e-6)
+    expected = top_k_sorted(reference, 5) + torch.arange(3)[:, None] * num_tokens
+    assert torch.equal(handle.last.stages[0].kept[0], expected.flatten())
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_pruned_logits_equal_a_hand_pruned_sequence(model, positions):
+    ids, px = single((5, 7), num_images=2, seed=3), images(2, seed=3)
+    with vtprune.patched(model, "fastervlm", keep_tokens=6, positions=positions) as handle, torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=px).logits
+    kept = handle.last.stages[0].kept[0]
+    assert kept.numel() == 12 and handle.last.visual_tokens_kept == [12] and handle.last.visual_tokens_in == [32]
+    assert (kept[:6] < N).all() and (kept[6:] >= N).all()
+    reference = pruned_reference_logits(model, ids, px, kept, positions=positions)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_batch_equals_samples_alone(model):
+    prompts = [prompt_ids([3, 9], seed=1), prompt_ids([8, 2], seed=2)]
+    px = images(2, seed=7)
+    ids, mask = left_pad(prompts)
+    with vtprune.patched(model, "fastervlm", keep_ratio=0.25) as handle:
+        batch_tokens = greedy(model, input_ids=ids, attention_mask=mask, pixel_values=px)
+        batch_kept = handle.last.stages[0].kept
+        for row, prompt in enumerate(prompts):
+            alone = greedy(model, input_ids=prompt[None], pixel_values=px[row : row + 1])
+            assert torch.equal(handle.last.stages[0].kept[0], batch_kept[row])
+            assert torch.equal(alone[0], batch_tokens[row, ids.shape[1] - prompt.numel() :])
+
+
+def test_batch_with_different_image_counts_and_a_text_only_sample(model):
+    prompts = [
+        prompt_ids([3, 2, 4], num_images=2, seed=1),
+        prompt_ids([6], num_images=0, seed=2),
+        prompt_ids([2, 5], num_images=1, seed=3),
+    ]
+    px = images(3, seed=9)
+    ids, mask = left_pad(prompts)
+    with vtprune.patched(model, "fastervlm", keep_tokens=3) as handle:
+        tokens = greedy(model, input_ids=ids, attention_mask=mask, pixel_values=px)
+        record = handle.last
+        assert record.visual_tokens_in == [32, 0, 16]
+        assert record.visual_tokens_kept == [6, 0, 3]
+        assert record.stages[0].kept[1].numel() == 0
+        before, after = record.sequence_lengths
+        assert [b - a for b, a in zip(before, after, strict=True)] == [26, 0, 13]
+        assert record.flops_after < record.flops_before
+        # every sample decodes as it would alone
+        for row, prompt in enumerate(prompts):
+            first = [0, 2, 2][row]
+            count = [2, 0, 1][row]
+            pixels = {"pixel_values": px[first : first + count]} if count else {}
+            alone = greedy(model, input_ids=prompt[None], **pixels)
+            assert torch.equal(alone[0], tokens[row, ids.shape[1] - prompt.numel() :])
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "random", "uniform"])
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_generation_with_cache_equals_without_cache(model, method, positions):
+    ids, mask = left_pad([prompt_ids([3, 9], seed=4), prompt_ids([7, 1], seed=5)])
+    px = images(2, seed=4)
+    with vtprune.patched(model, method, keep_tokens=5, positions=positions), torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=6, do_sample=False)
+        uncached = model.generate(
+            input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=6, do_sample=False, use_cache=False
+        )
+    assert torch.equal(cached, uncached)
+
+
+def test_decode_steps_do_not_overwrite_the_prefill_record(model):
+    with vtprune.patched(model, "fastervlm", keep_tokens=4) as handle:
+        greedy(model, input_ids=single(), pixel_values=images(1))
+        assert handle.last.visual_tokens_kept == [4]
+        with torch.no_grad():  # a later text-only forward does not replace the record either
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+        assert handle.last.visual_tokens_kept == [4]
+
+
+def test_manual_decode_with_returned_cache(model):
+    ids, px = single((4, 5), seed=8), images(1, seed=8)
+    with vtprune.patched(model, "fastervlm", keep_tokens=4, positions="original"), torch.no_grad():
+        out = model(input_ids=ids, pixel_values=px, use_cache=True)
+        assert out.cache.get_seq_length() == ids.shape[1] - N + 4
+        next_token = out.logits[:, -1:].argmax(-1)
+        step = model(input_ids=next_token, cache=out.cache, use_cache=True).logits
+        full = model(input_ids=torch.cat([ids, next_token], 1), pixel_values=px, use_cache=False).logits
+    torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_keep_all_matches_unpatched(model):
+    ids, px = single(), images(1)
+    torch.manual_seed(3)
+    reference = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=5, do_sample=True, top_k=0)
+    with vtprune.patched(model, "fastervlm", keep_ratio=1.0):
+        torch.manual_seed(3)
+        same = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=5, do_sample=True, top_k=0)
+    with vtprune.patched(model, "fastervlm", keep_tokens=2) as handle:
+        pruned = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=5, do_sample=True, top_k=0)
+        assert handle.last.visual_tokens_kept == [2]
+    assert torch.equal(reference, same)
+    assert pruned.shape == reference.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    model = tiny_llava(seed=3).to(dtype)
+    ids, mask = left_pad([prompt_ids([3, 9], seed=1), prompt_ids([8, 2], seed=2)])
+    px = images(2).to(dtype)
+    with vtprune.patched(model, "fastervlm", keep_tokens=5) as handle:
+        tokens = greedy(model, input_ids=ids, attention_mask=mask, pixel_values=px)
+        assert tokens.shape == (2, ids.shape[1] + 6)
+        assert handle.last.visual_tokens_kept == [5, 5]
+        reference = top_k_sorted(eager_cls_attention(model.float(), px.float()), 5)
+    # scores are computed in fp32 from half-precision projections: the top-5 sets agree up to near-ties
+    for row in range(2):
+        overlap = set(handle.last.stages[0].kept[row].tolist()) & set(reference[row].tolist())
+        assert len(overlap) >= 4
+
+
+def test_labels_are_cut_with_the_sequence(model):
+    ids, px = single((4, 6), seed=6), images(1, seed=6)
+    labels = ids.clone()
+    labels[ids == 3] = -100
+    with vtprune.patched(model, "fastervlm", keep_tokens=4) as handle, torch.no_grad():
+        out = model(input_ids=ids, pixel_values=px, labels=labels)
+        kept = handle.last.stages[0].kept[0]
+    reference = pruned_reference_logits(model, ids, px, kept)
+    keep_columns = torch.ones(ids.shape[1], dtype=torch.bool)
+    keep_columns[(ids[0] == 3).nonzero().flatten()] = False
+    keep_columns[(ids[0] == 3).nonzero().flatten()[kept]] = True
+    expected = torch.nn.functional.cross_entropy(reference[0, :-1], labels[0, keep_columns][1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_and_random_budgets():
+    layout = VisualLayout(num_tokens=16, grid=(4, 4))
+    assert uniform_grid_indices(layout, 4).tolist() == [5, 7, 13, 15]
+    for k in range(1, 17):
+        kept = uniform_grid_indices(layout, k)
+        assert kept.numel() == k and kept.unique().numel() == k and torch.equal(kept, kept.sort().values)
+    big = VisualLayout(num_tokens=576, grid=(24, 24))
+    kept = uniform_grid_indices(big, 144)
+    rows, cols = kept // 24, kept % 24
+    assert rows.unique().numel() == 12 and cols.unique().numel() == 12  # a 12 x 12 lattice
+    assert uniform_grid_indices(big, 58).numel() == 58
+    full = VisualLayout(num_tokens=17, grid=(4, 4), num_prefix=1)
+    assert uniform_grid_indices(full, 5).tolist() == [0, 6, 8, 14, 16]
+
+    model = tiny_llava(seed=4)
+    kept = {}
+    for seed in (0, 0, 1):
+        with vtprune.patched(model, "random", keep_tokens=6, seed=seed) as handle, torch.no_grad():
+            model(input_ids=single(), pixel_values=images(1))
+        kept.setdefault(seed, []).append(handle.last.stages[0].kept[0])
+    assert torch.equal(kept[0][0], kept[0][1]) and not torch.equal(kept[0][0], kept[1][0])
