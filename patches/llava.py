@@ -20,12 +20,12 @@ FasterVLM's ``attentions[-2]``. With a list of feature layers the deepest one is
 from __future__ import annotations
 
 import torch
-from vtprune.patches import register_adapter
 
 from vtprune.engine.pre_llm import PreLLMPruner
 from vtprune.engine.probe import cls_attention_row
 from vtprune.handle import PruneRecord
 from vtprune.methods.base import BudgetConfig, VisualLayout
+from vtprune.patches import register_adapter
 
 SCORES_ATTRIBUTE = "_vtprune_scores"  # set on the vision tower's output while patched
 

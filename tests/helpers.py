@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from vtprune.evals.toy_models import IMAGE_TOKEN_ID, build_llava
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 from transformers import LlamaForCausalLM, SiglipVisionConfig
-from vtprune.evals.toy_models import llava_config, text_config, tiny_llava
 
 import vtprune
+from vtprune.evals.toy_models import llava_config, text_config, tiny_llava
 from vtprune.methods.base import BudgetConfig, Method, top_k_sorted
 from vtprune.methods.fastervlm import FasterVLMConfig
 
