@@ -6,10 +6,18 @@ Hooks (all on this instance, all recorded in the handle):
 - vision tower, at the attention layer whose output feeds the projector: forward hooks on
   its ``q_proj`` / ``k_proj`` capture the projections the layer computes anyway, and a hook on
   the attention module turns them into the [CLS] attention row (no eager switch).
-- ``language_model`` forward pre-hook / hook: the engine's cut (prefill) and the mask and
-  position mapping for decode steps on the pruned cache.
-- ``LlavaForConditionalGeneration`` pre-hook / hook: ``labels`` are cut like the sequence and
-  the loss is computed on the pruned logits.
+- ``language_model`` forward pre-hook / hook: the pre-LLM engine's cut (prefill) and the mask
+  and position mapping for decode steps on the pruned cache.
+- in-LLM methods: a second ``language_model`` pre-hook / hook (after the pre-LLM ones, so it
+  sees the sequence they cut) and a forward pre-hook on every decoder layer from the first
+  probe layer on (``vtprune.engine.in_llm``); the decoder stack's internals come from
+  ``vtprune.patches.llm_backbones``.
+- ``LlavaForConditionalGeneration`` pre-hook / hook: ``labels`` are cut like the sequence (by
+  every stage) and the loss is computed on the pruned logits.
+
+Stacking: at most one pre-LLM stage followed by at most one in-LLM stage. The in-LLM stage
+works on the tokens the pre-LLM stage kept; its kept indices are mapped back to the original
+visual tokens through the pre-LLM cut.
 
 Which vision layer: ``vision_feature_layer`` indexes ``hidden_states`` (entry 0 = embeddings,
 entry i = output of encoder layer i - 1), so the attention is that of encoder layer
@@ -21,11 +29,13 @@ from __future__ import annotations
 
 import torch
 
+from vtprune.engine.in_llm import InLLMPruner
 from vtprune.engine.pre_llm import PreLLMPruner
 from vtprune.engine.probe import cls_attention_row
 from vtprune.handle import PruneRecord
 from vtprune.methods.base import BudgetConfig, VisualLayout
 from vtprune.patches import register_adapter
+from vtprune.patches.llm_backbones import llm_backbone
 
 SCORES_ATTRIBUTE = "_vtprune_scores"  # set on the vision tower's output while patched
 
@@ -82,34 +92,78 @@ class LlavaAdapter:
 
     # -- wiring ---------------------------------------------------------------------------
     def install(self, handle, methods) -> None:
-        if len(methods) != 1 or methods[0].stage != "pre_llm":
-            raise ValueError(f"the {self.family} adapter supports one pre-LLM stage; got {[m.name for m in methods]}")
-        method = methods[0]
+        pre = [m for m in methods if m.stage == "pre_llm"]
+        in_llm = [m for m in methods if m.stage == "in_llm"]
+        if len(pre) > 1 or len(in_llm) > 1 or list(methods) != pre + in_llm:
+            raise ValueError(
+                f"the {self.family} adapter applies at most one pre-LLM stage followed by at most one in-LLM stage, "
+                f"e.g. [('fastervlm', {{...}}), ('pdrop', {{...}})]; got {[f'{m.name} ({m.stage})' for m in methods]}"
+            )
+        layout = self.layout()
+        text_config = self.config.text_config
+        pre_pruner = self._pre_llm_pruner(pre[0], layout) if pre else None
+        in_pruner = self._in_llm_pruner(in_llm[0], pre_pruner) if in_llm else None
+
+        published: dict = {}
+        record = {"tokens_per_image": layout.num_tokens, "text_config": text_config}
+        if in_pruner is not None:
+            record["kv_bytes_per_token"] = in_pruner.backbone.kv_bytes_per_token(self.language_model.dtype)
+
+        def on_pre_llm(result):
+            published["pre"] = (pre[0].name, result)
+            if in_pruner is None:
+                handle.last = PruneRecord(pre=published.pop("pre"), **record)
+
+        def on_in_llm(result):
+            handle.last = PruneRecord(pre=published.pop("pre", None), llm=(in_llm[0].name, result), **record)
+
+        if pre_pruner is not None:
+            pre_pruner.on_prefill = on_pre_llm
+        if in_pruner is not None:
+            in_pruner.on_prefill = on_in_llm
+
+        hooks = handle.hooks
+        hooks.append(
+            self.base.register_forward_pre_hook(
+                self._start_prefill(pre_pruner, in_pruner, published.clear), with_kwargs=True
+            )
+        )
+        if pre_pruner is not None:
+            if pre_pruner.method.score == "cls_attention":
+                hooks.extend(self._install_cls_probe(pre_pruner))
+            hooks.append(
+                self.language_model.register_forward_pre_hook(pre_pruner.language_model_pre_hook, with_kwargs=True)
+            )
+            hooks.append(self.language_model.register_forward_hook(pre_pruner.language_model_hook, with_kwargs=True))
+            handle._on_remove.append(pre_pruner.reset)
+        if in_pruner is not None:  # registered after the pre-LLM hooks: it sees the sequence they cut
+            hooks.append(
+                self.language_model.register_forward_pre_hook(in_pruner.language_model_pre_hook, with_kwargs=True)
+            )
+            hooks.append(self.language_model.register_forward_hook(in_pruner.language_model_hook, with_kwargs=True))
+            layers = in_pruner.backbone.layers
+            for index in range(in_pruner.first_hooked_layer, len(layers)):
+                hooks.append(layers[index].register_forward_pre_hook(in_pruner.layer_pre_hook(index), with_kwargs=True))
+            handle._on_remove.append(in_pruner.reset)
+        if self.base is not self.model:
+            hooks.extend(self._install_label_cut(pre_pruner, in_pruner))
+
+    def _pre_llm_pruner(self, method, layout) -> PreLLMPruner:
         if method.score == "cls_attention" and not self.has_cls_token():
             raise ValueError(
                 f"method {method.name!r} scores by [CLS] attention, but the vision tower "
                 f"{type(self.vision_tower).__name__} has no [CLS] token; use a score-free method (random, uniform)"
             )
-        layout = self.layout()
         if isinstance(method.config, BudgetConfig):
             method.config.num_keep(layout.num_tokens)  # a budget larger than the image fails now, not mid-forward
-        text_config = self.config.text_config
+        return PreLLMPruner(method, layout, on_prefill=None)
 
-        def record(result):
-            handle.last = PruneRecord(method.name, result, layout.num_tokens, text_config)
+    def _in_llm_pruner(self, method, pre_pruner) -> InLLMPruner:
+        backbone = llm_backbone(self.language_model)  # unsupported LLMs fail here, at patch time
+        input_map = pre_pruner.map_prefill_columns if pre_pruner is not None else None
+        return InLLMPruner(method, backbone, on_prefill=None, input_map=input_map)
 
-        pruner = PreLLMPruner(method, layout, on_prefill=record)
-        hooks = handle.hooks
-        hooks.append(self.base.register_forward_pre_hook(self._start_prefill(pruner), with_kwargs=True))
-        if method.score == "cls_attention":
-            hooks.extend(self._install_cls_probe(pruner))
-        hooks.append(self.language_model.register_forward_pre_hook(pruner.language_model_pre_hook, with_kwargs=True))
-        hooks.append(self.language_model.register_forward_hook(pruner.language_model_hook, with_kwargs=True))
-        if self.base is not self.model:
-            hooks.extend(self._install_label_cut(pruner))
-        handle._on_remove.append(pruner.reset)
-
-    def _start_prefill(self, pruner):
+    def _start_prefill(self, pre_pruner, in_pruner, new_record):
         """LlavaModel pre-hook: a forward that carries images (pixels or encoded) is a prefill."""
         image_token_id = self.config.image_token_id
 
@@ -117,21 +171,30 @@ class LlavaAdapter:
             pixel_values = _kwarg(args, kwargs, "pixel_values", 1)
             encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
             if pixel_values is None and encoded is None:
-                pruner.pending = None
+                if pre_pruner is not None:
+                    pre_pruner.pending = None
+                if in_pruner is not None:
+                    in_pruner.pending = None
                 return None
             input_ids = _kwarg(args, kwargs, "input_ids", 0)
             if input_ids is None:
                 raise ValueError("vtprune needs input_ids (to find the image tokens) when images are given")
-            if pixel_values is not None:  # the tower runs inside this forward and delivers the scores
-                pruner.begin_prefill(input_ids == image_token_id, num_images=pixel_values.shape[0])
-            else:  # generate() encoded the images before the prefill: the scores rode along
-                scores = getattr(encoded, SCORES_ATTRIBUTE, None)
-                if pruner.method.score is not None and scores is None:
-                    raise RuntimeError(
-                        "the images were encoded before vtprune.patch was applied; encode them again after patching"
-                    )
-                pruner.begin_prefill(input_ids == image_token_id, num_images=len(encoded.pooler_output))
-                pruner.pending.scores = scores
+            image_mask = input_ids == image_token_id
+            new_record()
+            if pre_pruner is not None:
+                if pixel_values is not None:  # the tower runs inside this forward and delivers the scores
+                    pre_pruner.begin_prefill(image_mask, num_images=pixel_values.shape[0])
+                else:  # generate() encoded the images before the prefill: the scores rode along
+                    scores = getattr(encoded, SCORES_ATTRIBUTE, None)
+                    if pre_pruner.method.score is not None and scores is None:
+                        raise RuntimeError(
+                            "the images were encoded before vtprune.patch was applied; encode them again after patching"
+                        )
+                    pre_pruner.begin_prefill(image_mask, num_images=len(encoded.pooler_output))
+                    pre_pruner.pending.scores = scores
+            if in_pruner is not None:
+                # original visual-token index of each column: images of a sample in order of appearance
+                in_pruner.begin_prefill(torch.where(image_mask, image_mask.long().cumsum(dim=1) - 1, -1))
             return None
 
         return hook
@@ -172,7 +235,7 @@ class LlavaAdapter:
             self.vision_tower.register_forward_hook(attach),
         ]
 
-    def _install_label_cut(self, pruner):
+    def _install_label_cut(self, pre_pruner, in_pruner):
         stash = {}
 
         def take_labels(module, args, kwargs):
@@ -184,7 +247,11 @@ class LlavaAdapter:
             labels = stash.pop("labels", None)
             if labels is None:
                 return None
-            labels = pruner.prune_labels(labels.to(output.logits.device), output.logits.shape[1])
+            labels = labels.to(output.logits.device)
+            cut = pre_pruner.prune_labels(labels) if pre_pruner is not None else labels
+            cut = in_pruner.cut_labels(cut) if in_pruner is not None else cut
+            if cut.shape[1] == output.logits.shape[1]:  # else this forward was not pruned
+                labels = cut
             output["loss"] = module.loss_function(
                 logits=output.logits, labels=labels, vocab_size=module.config.text_config.vocab_size
             )

@@ -7,7 +7,8 @@ from functools import cached_property
 
 import torch
 
-from vtprune.engine.flops import llm_prefill_flops
+from vtprune.engine.flops import decoder_layer_flops, llm_prefill_flops
+from vtprune.engine.in_llm import LLMPrefillResult
 from vtprune.engine.pre_llm import PrefillResult
 
 
@@ -28,37 +29,62 @@ class Stage:
 class PruneRecord:
     """Statistics of the most recent prefill; decode steps do not overwrite it.
 
-    Built from the raw tensors of the prefill and turned into Python numbers on first access,
+    Built from the raw tensors of the prefill (the pre-LLM cut's :class:`PrefillResult`, the
+    in-LLM cuts' :class:`LLMPrefillResult`) and turned into Python numbers on first access,
     so the forward pass itself reads nothing back to the host.
+
+    Per-layer figures count real (unpadded) tokens: ``layer_tokens[b][i]`` is what decoder
+    layer i processed for sample b at prefill, which is also what layer i's KV cache holds.
     """
 
-    def __init__(self, name: str, result: PrefillResult, tokens_per_image: int, text_config):
-        self._name = name
-        self._result = result
+    def __init__(
+        self,
+        *,
+        tokens_per_image: int,
+        text_config,
+        pre: tuple[str, PrefillResult] | None = None,
+        llm: tuple[str, LLMPrefillResult] | None = None,
+        kv_bytes_per_token: int | None = None,
+    ):
+        if pre is None and llm is None:
+            raise ValueError("a PruneRecord needs a pre-LLM or an in-LLM result")
+        self._pre = pre
+        self._llm = llm
         self._tokens_per_image = tokens_per_image
         self._text_config = text_config
+        self._kv_bytes_per_token = kv_bytes_per_token
 
     @cached_property
     def _per_sample(self) -> dict[str, list[int]]:
-        r = self._result
-        return {
-            "images": r.images_per_sample.tolist(),
-            "before": r.real_tokens_before.tolist(),
-            "after": r.real_tokens_after.tolist(),
-        }
+        if self._pre is not None:
+            r = self._pre[1]
+            images, before, after = r.images_per_sample, r.real_tokens_before, r.real_tokens_after
+        else:
+            r = self._llm[1]
+            images, before, after = r.visual_in // self._tokens_per_image, r.real_in, r.real_in
+        return {"images": images.tolist(), "before": before.tolist(), "after": after.tolist()}
 
     @cached_property
     def stages(self) -> list[Stage]:
-        kept_cpu = self._result.kept.cpu()
-        n, k = kept_cpu.shape
-        offsets = torch.arange(n)[:, None] * self._tokens_per_image
-        per_sample, start = [], 0
-        for count in self._per_sample["images"]:
-            # image j of the sample contributes indices j * N + kept_j
-            rows = kept_cpu[start : start + count] + offsets[:count]
-            per_sample.append(rows.flatten())
-            start += count
-        return [Stage(name=self._name, layer=-1, kept=per_sample)]
+        stages = []
+        if self._pre is not None:
+            name, result = self._pre
+            kept_cpu = result.kept.cpu()
+            n, k = kept_cpu.shape
+            offsets = torch.arange(n)[:, None] * self._tokens_per_image
+            per_sample, start = [], 0
+            for count in self._per_sample["images"]:
+                # image j of the sample contributes indices j * N + kept_j
+                rows = kept_cpu[start : start + count] + offsets[:count]
+                per_sample.append(rows.flatten())
+                start += count
+            stages.append(Stage(name=name, layer=-1, kept=per_sample))
+        if self._llm is not None:
+            name, result = self._llm
+            for cut in result.cuts:
+                index = cut.visual_index.cpu()
+                stages.append(Stage(name=name, layer=cut.layer, kept=[row[row >= 0] for row in index]))
+        return stages
 
     @property
     def visual_tokens_in(self) -> list[int]:
@@ -67,13 +93,28 @@ class PruneRecord:
 
     @property
     def visual_tokens_kept(self) -> list[int]:
-        """Visual tokens per sample that reach the LLM."""
+        """Visual tokens per sample that survive the last stage."""
         return [int(kept.numel()) for kept in self.stages[-1].kept]
+
+    @cached_property
+    def layer_tokens(self) -> list[list[int]]:
+        """Real tokens each decoder layer processes at prefill, per sample: ``[b][layer]``."""
+        num_layers = self._text_config.num_hidden_layers
+        rows = []
+        removed = [(cut.layer, cut.removed.tolist()) for cut in self._llm[1].cuts] if self._llm is not None else []
+        for b, entering in enumerate(self._per_sample["after"]):
+            counts, current = [], entering
+            cuts = {layer: values[b] for layer, values in removed}
+            for layer in range(num_layers):
+                current -= cuts.get(layer, 0)
+                counts.append(current)
+            rows.append(counts)
+        return rows
 
     @property
     def sequence_lengths(self) -> tuple[list[int], list[int]]:
-        """Real (unpadded) prompt lengths per sample, before and after pruning."""
-        return self._per_sample["before"], self._per_sample["after"]
+        """Real (unpadded) prompt lengths per sample: before pruning, and at the last decoder layer."""
+        return self._per_sample["before"], [counts[-1] for counts in self.layer_tokens]
 
     @property
     def flops_before(self) -> int:
@@ -82,19 +123,41 @@ class PruneRecord:
 
     @property
     def flops_after(self) -> int:
-        return sum(llm_prefill_flops(n, self._text_config) for n in self._per_sample["after"])
+        """LLM prefill FLOPs with pruning: every decoder layer at its own token count."""
+        return sum(decoder_layer_flops(n, self._text_config) for counts in self.layer_tokens for n in counts)
+
+    @property
+    def kv_cache_bytes(self) -> tuple[int, int] | None:
+        """Bytes of the prefill's KV cache over all layers and samples: (unpruned, pruned).
+
+        Real tokens only (padding columns of a batch are not counted); None when unknown.
+        """
+        if self._kv_bytes_per_token is None:
+            return None
+        num_layers = self._text_config.num_hidden_layers
+        before = sum(self._per_sample["before"]) * num_layers * self._kv_bytes_per_token
+        after = sum(sum(counts) for counts in self.layer_tokens) * self._kv_bytes_per_token
+        return before, after
 
     def summary(self) -> dict:
+        kv = self.kv_cache_bytes
         return {
+            "stages": [
+                {"name": s.name, "layer": s.layer, "kept": [int(k.numel()) for k in s.kept]} for s in self.stages
+            ],
             "visual_tokens_in": self.visual_tokens_in,
             "visual_tokens_kept": self.visual_tokens_kept,
+            "layer_tokens": self.layer_tokens,
             "flops_before": self.flops_before,
             "flops_after": self.flops_after,
+            "kv_cache_bytes_before": kv[0] if kv else None,
+            "kv_cache_bytes_after": kv[1] if kv else None,
         }
 
     def __repr__(self) -> str:
         return (
-            f"PruneRecord(visual_tokens_in={self.visual_tokens_in}, visual_tokens_kept={self.visual_tokens_kept}, "
+            f"PruneRecord(stages={[(s.name, s.layer) for s in self.stages]}, visual_tokens_in={self.visual_tokens_in}, "
+            f"visual_tokens_kept={self.visual_tokens_kept}, "
             f"flops={self.flops_after / 1e9:.2f}/{self.flops_before / 1e9:.2f} GFLOPs)"
         )
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 
-from vtprune.methods.base import Method
+from vtprune.methods.base import InLLMMethod, Method
 
+STAGES = ("pre_llm", "in_llm")  # before the LLM / between its decoder layers
 _METHODS: dict[str, type[Method]] = {}
 
 
@@ -16,8 +17,10 @@ def register_method(cls: type[Method]) -> type[Method]:
     for attr in ("name", "config_class"):
         if not hasattr(cls, attr):
             raise TypeError(f"{cls.__name__} must define {attr!r}")
-    if cls.stage not in ("pre_llm",):
-        raise ValueError(f"{cls.__name__}.stage must be 'pre_llm', got {cls.stage!r}")
+    if cls.stage not in STAGES:
+        raise ValueError(f"{cls.__name__}.stage must be one of {STAGES}, got {cls.stage!r}")
+    if cls.stage == "in_llm" and not issubclass(cls, InLLMMethod):
+        raise TypeError(f"{cls.__name__} has stage 'in_llm' and must subclass vtprune.methods.base.InLLMMethod")
     existing = _METHODS.get(cls.name)
     if existing is not None and existing is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({existing.__qualname__})")

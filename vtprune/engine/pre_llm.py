@@ -84,12 +84,20 @@ class PreLLMPruner:
         if self.prompt is not None and self.prompt.cache is None:
             self.prompt.cache = getattr(output, "cache", None)
 
-    def prune_labels(self, labels: torch.Tensor, logits_length: int) -> torch.Tensor:
-        """Cut (B, L) labels like the prompt this forward pruned; -100 on added padding."""
+    def prune_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Cut (B, L) labels like the prompt the last prefill pruned; -100 on added padding."""
         prompt = self.prompt
-        if prompt is None or labels.shape[1] != prompt.original_length or logits_length != prompt.pruned_mask.shape[1]:
+        if prompt is None or labels.shape[1] != prompt.original_length:
             return labels
         return prompt.cut.gather(labels, fill=-100)
+
+    def map_prefill_columns(self, values: torch.Tensor, fill: int = -1) -> torch.Tensor:
+        """Carry (B, L) per-column values of this forward's prompt through its cut (identity if
+        nothing was cut); for the stages that run after this one."""
+        prompt = self.prompt
+        if prompt is None or values.shape[1] != prompt.original_length:
+            return values
+        return prompt.cut.gather(values, fill=fill)
 
     # -- internals ------------------------------------------------------------------------
     def _prune_prefill(self, pending: PendingPrefill, kwargs: dict) -> dict:

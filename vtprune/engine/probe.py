@@ -6,6 +6,9 @@ The model keeps its attention kernel (SDPA / FlashAttention); we never ask for
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 
@@ -21,4 +24,80 @@ def cls_attention_row(queries: torch.Tensor, keys: torch.Tensor, num_heads: int,
     q = cls_query.float().view(n, num_heads, 1, head_dim)
     k = keys.float().view(n, num_keys, num_heads, head_dim).transpose(1, 2)  # (n, H, T, hd)
     logits = (q @ k.transpose(-1, -2)).squeeze(2) * scale  # (n, H, T)
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """What the LLM probe needs from one decoder layer (filled in by a backbone helper).
+
+    norm: the layer's input norm; q_proj / k_proj: its projections; q_norm / k_norm: per-head
+    norms applied before the rotary embedding, when the family has them (else None);
+    scaling: the softmax scale; sliding_window: the layer's window, or None for full attention.
+    """
+
+    norm: Callable[[torch.Tensor], torch.Tensor]
+    q_proj: Callable[[torch.Tensor], torch.Tensor]
+    k_proj: Callable[[torch.Tensor], torch.Tensor]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+    q_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    k_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    sliding_window: int | None = None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split layout: x * cos + (-x2, x1) * sin."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def last_token_attention(
+    hidden: torch.Tensor,
+    key_mask: torch.Tensor,
+    parts: AttentionParts,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Post-softmax attention of each sample's last prompt token over all keys, mean over heads.
+
+    What the decoder layer would compute for that one query row, from its own input norm,
+    q/k projections (+ per-head norms), rotary ``(cos, sin)``, grouped-query head sharing and
+    scale; the key padding (and the sliding window, if any) is masked, the softmax runs in
+    fp32. Only one query row per sample is built, never an n x n map; the cost is one input
+    norm and one k projection over the sequence.
+
+    hidden: (B, T, D) the layer's input hidden states; key_mask: (B, T) bool, real tokens
+    (the query is the last True column of each row); position_embeddings: (cos, sin), each
+    (B or 1, T, head_dim), as the model passes them to the layer. Returns (B, T) fp32.
+    """
+    batch, length, width = hidden.shape
+    heads, kv_heads, head_dim = parts.num_heads, parts.num_kv_heads, parts.head_dim
+    columns = torch.arange(length, device=hidden.device)
+    query_index = torch.where(key_mask, columns, -1).amax(dim=1).clamp(min=0)  # (B,)
+
+    normed = parts.norm(hidden)
+    query_in = normed.gather(1, query_index.view(batch, 1, 1).expand(batch, 1, width))
+    q = parts.q_proj(query_in).view(batch, 1, heads, head_dim)
+    k = parts.k_proj(normed).view(batch, length, kv_heads, head_dim)
+    if parts.q_norm is not None:
+        q = parts.q_norm(q)
+    if parts.k_norm is not None:
+        k = parts.k_norm(k)
+
+    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # (B, T, hd)
+    row = query_index.view(batch, 1, 1).expand(batch, 1, cos.shape[-1])
+    q = _rotate(q, cos.gather(1, row)[:, :, None], sin.gather(1, row)[:, :, None])  # (B, 1, H, hd)
+    k = _rotate(k, cos[:, :, None], sin[:, :, None])  # (B, T, Hkv, hd)
+
+    # grouped-query attention: query head h reads key head h // (H / Hkv), as repeat_kv does
+    q = q.float().view(batch, kv_heads, heads // kv_heads, head_dim)  # (B, Hkv, G, hd)
+    k = k.float().permute(0, 2, 3, 1)  # (B, Hkv, hd, T)
+    logits = (q @ k).view(batch, heads, length) * parts.scaling  # (B, H, T)
+
+    allowed = key_mask & (columns <= query_index[:, None])
+    if parts.sliding_window is not None:
+        allowed = allowed & (columns > query_index[:, None] - parts.sliding_window)
+    logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)

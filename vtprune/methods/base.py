@@ -2,7 +2,9 @@
 
 A method never sees a transformers class. A *pre-LLM* method gets one score row per image
 (or nothing, for score-free baselines) and returns, per image, the sorted indices of the
-visual tokens to keep. The engine and the adapters do everything else.
+visual tokens to keep. An *in-LLM* method (:class:`InLLMMethod`) names the decoder layers
+where it scores and cuts, how many visual tokens each cut keeps, and picks them from one
+score per column of the current sequence. The engine and the adapters do everything else.
 """
 
 from __future__ import annotations
@@ -79,8 +81,9 @@ class BudgetConfig(MethodConfig):
 class Method:
     """Base class of a registered method.
 
-    Subclasses set ``name``, ``config_class``, ``stage`` ("pre_llm") and ``score``: the signal
-    the adapter must compute for them ("cls_attention", or None for score-free methods).
+    Subclasses set ``name``, ``config_class``, ``stage`` ("pre_llm" or "in_llm") and ``score``:
+    the signal the adapter must compute for them ("cls_attention", "last_token_attention", or
+    None for score-free methods).
     """
 
     name: ClassVar[str]
@@ -111,3 +114,69 @@ class Method:
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(n, N) scores -> (n, k) indices of the k largest, in ascending (original) order."""
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """One in-LLM cut: score at ``probe_layer``, then layers ``cut_layer``.. see the reduced set.
+
+    The score is the attention that ``probe_layer`` computes (its input norm and q/k
+    projections applied to its input hidden states). ``probe_layer`` is ``cut_layer - 1``
+    (the attention of the layer that just ran, FastV) or ``cut_layer`` (the attention the next
+    layer would compute on the full set, PyramidDrop).
+    """
+
+    probe_layer: int
+    cut_layer: int
+
+
+class InLLMMethod(Method):
+    """Base class of methods that drop visual tokens between decoder layers of the LLM.
+
+    Subclasses implement :meth:`schedule` and :meth:`keep_counts`; :meth:`select` defaults to
+    the top-k visual columns by score, in original order.
+    """
+
+    stage = "in_llm"
+    score = "last_token_attention"
+
+    def schedule(self, num_layers: int) -> list[CutPoint]:
+        """The cuts, in layer order, for an LLM of ``num_layers`` decoder layers.
+
+        Raises ValueError (at patch time) when the configured layers do not fit the model.
+        """
+        raise NotImplementedError
+
+    def keep_counts(self, cut_index: int, visual_in: torch.Tensor) -> torch.Tensor:
+        """Visual tokens each sample keeps after cut ``cut_index``.
+
+        visual_in: (B,) long, the visual tokens each sample had when it entered the LLM.
+        Returns (B,) long. The engine clamps to the visual tokens still present.
+        """
+        raise NotImplementedError
+
+    def keeps_everything(self, layout: VisualLayout | None = None) -> bool:
+        """True when the configuration never drops a token (the engine then leaves the model as is)."""
+        return False
+
+    def select(self, scores: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Which visual columns survive the cut.
+
+        scores: (B, T) fp32 score per column; visual: (B, T) bool, the visual columns;
+        keep: (B,) long, how many visual columns each sample keeps. Returns (B, T) bool, True
+        on the kept visual columns only.
+        """
+        return top_k_per_row(scores, visual, keep)
+
+
+def top_k_per_row(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the ``k[b]`` highest-scoring candidate columns of each row.
+
+    A batched top-k with a different k per row and no host sync: columns are ranked by score
+    (candidates first; ties go to the earlier column) and the first ``k[b]`` ranks are kept.
+    """
+    batch, length = scores.shape
+    ranked = scores.float().masked_fill(~candidates, float("-inf"))
+    order = ranked.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=scores.device).expand(batch, -1))
+    return candidates & (rank < k.to(scores.device)[:, None])

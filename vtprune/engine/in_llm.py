@@ -1,0 +1,325 @@
+"""The inside-the-LLM cut: drop visual tokens between decoder layers, model-agnostic.
+
+An adapter wires these callbacks to hooks on a loaded model:
+
+1. ``begin_prefill(visual_index)`` when a forward carries images: (B, L) original visual-token
+   index of every column of the merged sequence (-1 for text and padding);
+2. ``language_model_pre_hook`` on the decoder stack (registered after any pre-LLM cut's): at
+   prefill it records the sequence as the LLM receives it; at decode steps on the pruned cache
+   it prepares the per-stage masks and positions;
+3. ``layer_pre_hook(i)`` on decoder layers: at a probe layer it scores the columns with the
+   last-prompt-token attention probe; at a cut layer it drops visual tokens from the hidden
+   states; from the first cut on it hands every layer the reduced ``attention_mask``,
+   ``position_ids`` and rotary ``position_embeddings`` (the stack computes them once for the
+   full sequence and passes the same ones to every layer);
+4. ``language_model_hook`` (forward hook) closes the forward and, after a prefill, reports an
+   :class:`LLMPrefillResult` and remembers the cache for decode steps.
+
+The backbone helper (``vtprune.patches.llm_backbones``) says where the layer parts are and
+builds masks with transformers' own mask builders, so each attention implementation (SDPA,
+eager, FlashAttention) gets the mask form it expects, sized by that layer's cache.
+
+KV cache: each layer caches exactly the tokens it processed, so deeper layers hold shorter
+caches. At decode steps every stage gets its own 2-D mask (its pruned prompt mask + the mask of
+the tokens generated since) and positions: ``"original"`` keeps the model's positions,
+``"compact"`` moves them down by the visual tokens removed by the cuts up to that stage.
+
+Output: the LLM's last hidden states (hence the logits) cover the *reduced* sequence of the
+last stage at prefill; the last column is still the last prompt token, which is all
+generation needs. Labels are cut the same way (:meth:`InLLMPruner.cut_labels`).
+
+Host syncs: one per cut at prefill (the new sequence length, in ``plan_cut``); none of our own
+at decode steps. The masks come from transformers' builders, which, like the model's own mask
+for its first layer, may read one flag (is there padding?) to let SDPA use ``is_causal``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vtprune.engine.probe import last_token_attention
+from vtprune.engine.sequence import SequenceCut, plan_cut
+from vtprune.methods.base import InLLMMethod
+
+
+@dataclass
+class Columns:
+    """The sequence one stage processes at prefill (stage 0: as the LLM receives it)."""
+
+    mask2d: torch.Tensor  # (B, T) 1 = real token, 0 = padding
+    positions: torch.Tensor  # (B, T) position ids
+    visual_index: torch.Tensor  # (B, T) original visual-token index, -1 elsewhere
+    removed: torch.Tensor  # (B,) visual tokens removed by the cuts so far
+    cut: SequenceCut | None = None  # how this stage's columns come from the previous stage's
+
+
+@dataclass
+class CutResult:
+    """Raw tensors of one in-LLM cut; the record turns them into stats lazily."""
+
+    layer: int  # the first decoder layer that sees the reduced set
+    visual_index: torch.Tensor  # (B, T') original visual-token index of each column after the cut
+    removed: torch.Tensor  # (B,) tokens removed by this cut
+
+
+@dataclass
+class LLMPrefillResult:
+    visual_in: torch.Tensor  # (B,) visual tokens entering the LLM
+    real_in: torch.Tensor  # (B,) real (unpadded) tokens entering the LLM
+    cuts: list[CutResult]
+
+
+@dataclass
+class PrunedPromptStages:
+    """What decode steps on the same cache need: every stage's prompt columns."""
+
+    input_length: int  # columns of the prompt as the LLM received it
+    stages: list[Columns]  # stages[s] = what layers from cut s on processed (stages[0] = input)
+    cache: object = None
+
+
+@dataclass
+class _Forward:
+    """Per-forward state, from the LLM pre-hook to the LLM forward hook."""
+
+    prefill: bool
+    stage: int = 0  # the stage the next layers belong to
+    stages: list[Columns] = field(default_factory=list)  # prefill: stages built so far
+    scores: torch.Tensor | None = None  # prefill: probe scores awaiting their cut
+    cuts: list[CutResult] = field(default_factory=list)
+    base_positions: torch.Tensor | None = None  # decode: the model's positions (B, q)
+    extra_mask: torch.Tensor | None = None  # decode: mask of the tokens after the prompt (B, n)
+    substitute: dict = field(default_factory=dict)  # what layers of the current stage receive
+    masks: dict = field(default_factory=dict)  # mask kind -> mask, for the current stage
+
+
+class InLLMPruner:
+    def __init__(self, method: InLLMMethod, backbone, on_prefill, input_map=None):
+        self.method = method
+        self.backbone = backbone
+        self.positions = method.config.positions
+        self.on_prefill = on_prefill  # callback(LLMPrefillResult)
+        self.input_map = input_map  # visual_index (original columns) -> columns the LLM receives
+        self.schedule = method.schedule(backbone.num_layers)  # raises at patch time if it does not fit
+        self.keeps_everything = method.keeps_everything()
+        self.probe_at = {point.probe_layer: index for index, point in enumerate(self.schedule)}
+        self.cut_at = {point.cut_layer: index for index, point in enumerate(self.schedule)}
+        self.parts = {layer: backbone.attention_parts(layer) for layer in self.probe_at}
+        self.pending: torch.Tensor | None = None
+        self.prompt: PrunedPromptStages | None = None
+        self._forward: _Forward | None = None
+
+    @property
+    def first_hooked_layer(self) -> int:
+        """Layers before this one never need a hook."""
+        return min(min(self.probe_at), min(self.cut_at))
+
+    # -- called by the adapter --------------------------------------------------------------
+    def begin_prefill(self, visual_index: torch.Tensor) -> None:
+        self.pending = visual_index
+        self.prompt = None
+
+    def reset(self) -> None:
+        self.pending = None
+        self.prompt = None
+        self._forward = None
+
+    def cut_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Cut (B, L) labels given in the LLM's input columns like the last prefill; -100 on padding."""
+        prompt = self.prompt
+        if prompt is None or labels.shape[1] != prompt.input_length:
+            return labels
+        for stage in prompt.stages[1:]:
+            labels = stage.cut.gather(labels, fill=-100)
+        return labels
+
+    # -- hooks on the decoder stack -----------------------------------------------------------
+    def language_model_pre_hook(self, module, args, kwargs):
+        self._forward = None
+        if self.pending is not None:
+            visual_index, self.pending = self.pending, None
+            self._start_prefill(visual_index, kwargs)
+        elif self.prompt is not None and kwargs.get("cache") is not None and kwargs["cache"] is self.prompt.cache:
+            self._start_decode(self.prompt, kwargs)
+        return None
+
+    def language_model_hook(self, module, args, kwargs, output):
+        forward, self._forward = self._forward, None
+        if forward is None or not forward.prefill:
+            return None
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = getattr(output, "cache", None)
+        self.prompt = PrunedPromptStages(forward.stages[0].mask2d.shape[1], forward.stages, cache)
+        stage0 = forward.stages[0]
+        self.on_prefill(
+            LLMPrefillResult(
+                visual_in=(stage0.visual_index >= 0).sum(dim=1),
+                real_in=stage0.mask2d.sum(dim=1),
+                cuts=forward.cuts,
+            )
+        )
+        return None
+
+    def layer_pre_hook(self, layer_index: int):
+        def hook(module, args, kwargs):
+            forward = self._forward
+            if forward is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if forward.prefill:
+                if layer_index in self.probe_at and not self.keeps_everything:
+                    forward.scores = self._probe(layer_index, hidden, forward, kwargs)
+                if layer_index in self.cut_at:
+                    hidden = self._cut(layer_index, hidden, forward, kwargs)
+            elif layer_index in self.cut_at and not self.keeps_everything:
+                self._enter_decode_stage(self.cut_at[layer_index] + 1, hidden, forward, kwargs)
+            if not forward.substitute:
+                return None
+            kind = self.backbone.mask_kind(layer_index)
+            if kind not in forward.masks:
+                substitute = forward.substitute
+                forward.masks[kind] = self.backbone.build_mask(
+                    layer_index, hidden, substitute["mask2d"], kwargs.get("cache"), substitute["position_ids"]
+                )
+            new_kwargs = dict(
+                kwargs,
+                attention_mask=forward.masks[kind],
+                position_ids=forward.substitute["position_ids"],
+                position_embeddings=forward.substitute["position_embeddings"],
+            )
+            if args:
+                return (hidden, *args[1:]), new_kwargs
+            new_kwargs["hidden_states"] = hidden
+            return args, new_kwargs
+
+        return hook
+
+    # -- prefill --------------------------------------------------------------------------
+    def _start_prefill(self, visual_index: torch.Tensor, kwargs: dict) -> None:
+        cache = kwargs.get("cache")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError(
+                "vtprune prunes a prompt at prefill; continuing an existing cache with new images is not "
+                "supported. Start from an empty cache."
+            )
+        if cache is not None and getattr(cache, "is_compileable", False):  # static caches: one length for all
+            raise NotImplementedError(
+                f"in-LLM pruning needs a dynamic cache (layers of different lengths); got {type(cache).__name__}. "
+                "Use the default DynamicCache (do not set cache_implementation='static')."
+            )
+        embeds = kwargs["inputs_embeds"]
+        batch, length = embeds.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise NotImplementedError("vtprune needs a 2-D attention mask (padding mask); got a 4-D mask")
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(length, device=embeds.device)[None]
+        if positions.dim() != 2:
+            raise NotImplementedError(
+                f"vtprune expects (B, L) position ids in the LLM, got shape {tuple(positions.shape)}"
+            )
+        visual_index = visual_index.to(embeds.device)
+        if self.input_map is not None:
+            visual_index = self.input_map(visual_index)
+        if visual_index.shape != (batch, length):
+            raise RuntimeError(
+                f"the image-token map ({tuple(visual_index.shape)}) does not match the LLM input ({batch}, {length})"
+            )
+        stage0 = Columns(
+            mask2d=mask,
+            positions=positions.expand(batch, length),
+            visual_index=visual_index,
+            removed=torch.zeros(batch, dtype=torch.long, device=embeds.device),
+        )
+        self._forward = _Forward(prefill=True, stages=[stage0])
+
+    def _current_embeddings(self, forward: _Forward, kwargs: dict):
+        return forward.substitute.get("position_embeddings", kwargs.get("position_embeddings"))
+
+    def _probe(self, layer_index, hidden, forward: _Forward, kwargs) -> torch.Tensor:
+        columns = forward.stages[-1]
+        return last_token_attention(
+            hidden, columns.mask2d.bool(), self.parts[layer_index], self._current_embeddings(forward, kwargs)
+        )
+
+    def _cut(self, layer_index, hidden, forward: _Forward, kwargs) -> torch.Tensor:
+        cut_index = self.cut_at[layer_index]
+        columns = forward.stages[-1]
+        visual = columns.visual_index >= 0
+        if self.keeps_everything:  # leave the model untouched: bit-identical
+            forward.cuts.append(CutResult(layer_index, columns.visual_index, torch.zeros_like(columns.removed)))
+            return hidden
+        scores, forward.scores = forward.scores, None
+        visual_in = (forward.stages[0].visual_index >= 0).sum(dim=1)
+        keep_counts = torch.minimum(self.method.keep_counts(cut_index, visual_in).to(visual.device), visual.sum(dim=1))
+        selected = self.method.select(scores, visual, keep_counts)
+        cut = plan_cut(~visual | selected)  # text and padding columns always stay
+        positions = cut.gather(columns.positions)
+        if self.positions == "compact":
+            positions = positions - cut.removed_before * cut.valid
+        new = Columns(
+            mask2d=cut.gather(columns.mask2d),
+            positions=positions,
+            visual_index=cut.gather(columns.visual_index, fill=-1),
+            removed=columns.removed + cut.removed,
+            cut=cut,
+        )
+        forward.stages.append(new)
+        forward.stage = len(forward.stages) - 1
+        forward.cuts.append(CutResult(layer_index, new.visual_index, cut.removed))
+        hidden = cut.gather(hidden)
+        forward.substitute = {
+            "mask2d": new.mask2d,
+            "position_ids": new.positions,
+            "position_embeddings": self.backbone.rotary(hidden, new.positions),
+        }
+        forward.masks = {}
+        return hidden
+
+    # -- decode ---------------------------------------------------------------------------
+    def _start_decode(self, prompt: PrunedPromptStages, kwargs: dict) -> None:
+        if len(prompt.stages) == 1:  # nothing was cut
+            return
+        embeds = kwargs["inputs_embeds"]
+        batch, query_length = embeds.shape[:2]
+        cached_after_prompt = kwargs["cache"].get_seq_length() - prompt.input_length  # layer 0: unpruned
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            extra = torch.ones(batch, cached_after_prompt + query_length, dtype=torch.long, device=embeds.device)
+        else:
+            if mask.dim() != 2:
+                raise NotImplementedError("vtprune needs a 2-D attention mask (padding mask); got a 4-D mask")
+            extra = mask[:, prompt.input_length :]
+            if extra.shape[1] != cached_after_prompt + query_length:
+                raise ValueError(
+                    f"attention_mask has {mask.shape[1]} columns but the pruned prompt continues with "
+                    f"{prompt.input_length} + {cached_after_prompt + query_length}; pass the mask of the full "
+                    "prompt plus the generated tokens"
+                )
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            offset = prompt.input_length + cached_after_prompt
+            positions = torch.arange(query_length, device=embeds.device)[None] + offset
+        self._forward = _Forward(prefill=False, base_positions=positions.expand(batch, query_length), extra_mask=extra)
+
+    def _enter_decode_stage(self, stage_index, hidden, forward: _Forward, kwargs) -> None:
+        stage = self.prompt.stages[stage_index]
+        positions = forward.base_positions
+        if self.positions == "compact":
+            embeddings = None
+            positions = positions - stage.removed[:, None]
+        else:
+            embeddings = kwargs.get("position_embeddings")
+        forward.stage = stage_index
+        forward.substitute = {
+            "mask2d": torch.cat([stage.mask2d, forward.extra_mask.to(stage.mask2d.dtype)], dim=1),
+            "position_ids": positions,
+            "position_embeddings": embeddings if embeddings is not None else self.backbone.rotary(hidden, positions),
+        }
+        forward.masks = {}
