@@ -1,0 +1,134 @@
+"""Named presets: each paper's headline settings under one name.
+
+    vtprune.patch(model, *vtprune.presets.resolve("fastervlm-58"))
+    python -m lmms_eval --model vtprune --model_args base=llava_hf,pretrained=...,preset=fastervlm-58
+
+A preset names a registered method and its options. Presets may be defined for methods that
+are not registered yet (``fastv``, ``pdrop``): such a preset is *unavailable* — it is not
+listed by :func:`presets` and :func:`get_preset` refuses it with an error that says which
+method is missing — until the method registers. Options are validated against the method's
+config at lookup time, so a preset can never silently drift from its method.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from vtprune.config import make_config
+from vtprune.registry import _METHODS, get_method
+
+# The token budgets FasterVLM reports for LLaVA-1.5 (576 visual tokens): 25/50/75/90/95 % pruned.
+FASTERVLM_BUDGETS = (432, 288, 144, 58, 29)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """``method`` with ``options``, as published in ``paper``."""
+
+    name: str
+    method: str
+    options: dict = field(default_factory=dict)
+    paper: str = ""
+    note: str = ""
+
+    @property
+    def available(self) -> bool:
+        """True when ``method`` is registered (in-LLM methods register later)."""
+        return self.method in _METHODS
+
+    def spec(self) -> str:
+        """The equivalent spec string, e.g. ``fastervlm:keep_tokens=58``."""
+        parts = [f"{key}={_format(value)}" for key, value in self.options.items()]
+        return f"{self.method}:{','.join(parts)}" if parts else self.method
+
+
+def _format(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ";".join(str(v) for v in value)
+    return str(value)
+
+
+_PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Add a preset; its method need not be registered yet (see the module docstring)."""
+    existing = _PRESETS.get(preset.name)
+    if existing is not None and existing != preset:
+        raise ValueError(f"a preset named {preset.name!r} is already registered: {existing}")
+    if preset.name in _METHODS:
+        raise ValueError(f"preset name {preset.name!r} would shadow the method of the same name")
+    _PRESETS[preset.name] = preset
+    return preset
+
+
+def presets(include_unavailable: bool = False) -> dict[str, Preset]:
+    """Preset name -> :class:`Preset`, only those whose method is registered unless asked."""
+    return {name: p for name, p in sorted(_PRESETS.items()) if include_unavailable or p.available}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset ``name``, validated against its method's config now."""
+    preset = _PRESETS.get(name)
+    if preset is None:
+        known = sorted(presets())
+        close = difflib.get_close_matches(name, sorted(_PRESETS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown preset {name!r}.{hint} Available presets: {', '.join(known) or '(none)'}")
+    if not preset.available:
+        raise ValueError(
+            f"preset {name!r} needs method {preset.method!r}, which is not registered in this installation "
+            f"(registered methods: {', '.join(sorted(_METHODS))}); pick another preset or method"
+        )
+    make_config(get_method(preset.method), dict(preset.options))
+    return preset
+
+
+def is_preset(name: str) -> bool:
+    return name in _PRESETS
+
+
+def resolve(name: str, overrides: dict | None = None) -> tuple[str, dict]:
+    """``name`` (a preset or a method) plus option overrides -> (method, options), validated.
+
+    A preset's options come first and ``overrides`` replace them; a method name passes through.
+    """
+    overrides = dict(overrides or {})
+    if is_preset(name):
+        preset = get_preset(name)
+        method, options = preset.method, {**preset.options, **overrides}
+    else:
+        method, options = name, overrides
+    make_config(get_method(method), options)
+    return method, options
+
+
+def _builtin() -> None:
+    fastervlm = "FasterVLM, arXiv 2412.01818, Table 1 (LLaVA-1.5, 576 visual tokens)"
+    for budget in FASTERVLM_BUDGETS:
+        register_preset(Preset(f"fastervlm-{budget}", "fastervlm", {"keep_tokens": budget}, paper=fastervlm))
+    # In-LLM methods: available once `fastv` / `pdrop` are registered by vtprune.methods.
+    register_preset(
+        Preset(
+            "fastv-k2-r50",
+            "fastv",
+            {"k": 2, "ratio": 0.5},
+            paper="FastV, arXiv 2403.06764 (K=2, R=50%)",
+            note="prune after layer K=2, dropping R=50% of the visual tokens",
+        )
+    )
+    register_preset(
+        Preset(
+            "pdrop-llava15",
+            "pdrop",
+            {"layers": [8, 16, 24], "lam": 0.5},
+            paper="PyramidDrop, arXiv 2410.17247 (LLaVA-1.5: layers 8/16/24, lambda=0.5)",
+        )
+    )
+    # Score-free baselines at FasterVLM's 58-token budget: the floor a scored method must beat.
+    for method in ("random", "uniform"):
+        register_preset(Preset(f"{method}-58", method, {"keep_tokens": 58}, paper="baseline at 58 of 576 tokens"))
+
+
+_builtin()
