@@ -12,6 +12,7 @@ $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps lmms-eval==0.7.3
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -1,0 +1,414 @@
+"""lmms-eval model ``vtprune``: an lmms-eval model class with its visual tokens pruned.
+
+    python -m lmms_eval --model vtprune \\
+        --model_args base=llava_hf,pretrained=llava-hf/llava-1.5-7b-hf,method=fastervlm,keep_tokens=58 \\
+        --tasks gqa
+
+Registered through the ``lmms_eval.models`` entry-point group (see setup.cfg), so no fork or
+edit of lmms-eval is needed. How it works:
+
+- ``base`` names the lmms-eval model to wrap (``llava_hf``; any lmms-eval model whose ``.model``
+  is a transformers model vtprune has an adapter for). The base builds the prompts exactly as
+  it would unwrapped; its own keys (``pretrained``, ``device``, ``dtype``...) go to it.
+- ``method=NAME`` / ``preset=NAME`` pick the pruning; every other key is an option of that
+  method, coerced and validated by its config (lists as ``layers=8;16;24``). An unknown key is
+  an error that lists the valid ones. ``method=none`` runs the unpruned model with the same
+  measurements.
+- Requests reach the base one at a time, so each sample's kept tokens, FLOPs and timings are
+  its own, and a failure names its sample.
+- Failures are loud: the base models catch exceptions inside ``generate`` and return an empty
+  answer, and lmms-eval's CLI exits 0 after logging an exception. The wrapper keeps the error
+  that ``generate`` raised, prints it, and raises :class:`EvalAbort` (a ``SystemExit`` with a
+  message, which ``except Exception`` does not catch): the process exits 1.
+- ``stats_path=FILE`` writes per-sample statistics (visual tokens in/kept, LLM prefill FLOPs,
+  time to first token, decode tokens/s) and their summary as JSON after every request batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import io
+import json
+import re
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from vtprune.config import build_methods, parse_spec
+from vtprune.evals.measure import GenerationProbe
+from vtprune.evals.stats import sample_record, summarize
+from vtprune.presets import get_preset, is_preset
+from vtprune.registry import get_method
+
+MODEL_ID = "vtprune"
+NO_PRUNING = ("none", "baseline")
+
+# keys the wrapper itself reads; everything else goes to the base model or the method
+WRAPPER_OPTIONS = {
+    "base": "lmms-eval model id to wrap (default llava_hf)",
+    "method": "method name, preset name or spec string (none: no pruning)",
+    "preset": "preset name (see `vtprune presets`)",
+    "stats_path": "write per-sample statistics as JSON to this file",
+    "examples": "keep the kept-token indices of this many samples (default 0)",
+}
+# keys lmms-eval adds on its own (--batch_size, --device, --max_batch_size): dropped if the base lacks them
+LMMS_EVAL_INJECTED = ("batch_size", "max_batch_size", "device")
+
+
+def manifests():
+    """The ``lmms_eval.models`` entry point: chat and simple variants of the ``vtprune`` model."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [
+        ModelManifest(
+            model_id=MODEL_ID,
+            chat_class_path=f"{__name__}.VTPruneLMM",
+            simple_class_path=f"{__name__}.VTPruneSimpleLMM",
+        )
+    ]
+
+
+class EvalAbort(SystemExit):
+    """Stops an evaluation with a message and exit status 1.
+
+    A ``SystemExit`` so that it passes through lmms-eval's ``except Exception`` handlers, which
+    would otherwise log the error and let the CLI exit 0.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# -- model_args -------------------------------------------------------------------------------
+@dataclass
+class ModelArgs:
+    """``--model_args`` split into the base model's keys and the vtprune method."""
+
+    base: str
+    base_kwargs: dict
+    method: str | None  # a registered method name, or None for no pruning
+    options: dict = field(default_factory=dict)
+    stats_path: str | None = None
+    examples: int = 0
+
+    @property
+    def label(self) -> str:
+        """A short name for this configuration, e.g. ``fastervlm:keep_tokens=58``."""
+        if self.method is None:
+            return "none"
+        parts = [f"{k}={';'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in self.options.items()]
+        return f"{self.method}:{','.join(parts)}" if parts else self.method
+
+
+def init_params(cls) -> set[str]:
+    """Keyword parameters of ``cls.__init__`` (without self, *args, **kwargs)."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name for p in parameters if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _method_and_options(method: str | None, preset: str | None) -> tuple[str | None, dict]:
+    """The registered method and the options fixed by ``method``/``preset`` before other keys."""
+    if method is not None and preset is not None:
+        raise ValueError(f"give method=... or preset=..., not both (got method={method!r}, preset={preset!r})")
+    if method is None and preset is None:
+        raise ValueError(
+            "model_args need method=NAME or preset=NAME (method=none evaluates the unpruned model); "
+            "e.g. method=fastervlm,keep_tokens=58 or preset=fastervlm-58"
+        )
+    if preset is not None:
+        found = get_preset(str(preset))
+        return found.method, dict(found.options)
+    if str(method).lower() in NO_PRUNING:
+        return None, {}
+    stages = parse_spec(str(method))
+    if len(stages) > 1:
+        raise ValueError(
+            f"the vtprune lmms-eval model takes one method; got the multi-stage spec {method!r}. "
+            "Give one method (its options as separate keys) or a preset"
+        )
+    name, options = stages[0]
+    if is_preset(name):
+        found = get_preset(name)
+        return found.method, {**found.options, **options}
+    get_method(name)  # unknown method: an error that lists the known ones
+    return name, options
+
+
+def parse_model_args(kwargs: dict, base: str, base_params: set[str]) -> ModelArgs:
+    """Route ``--model_args`` keys to the wrapper, the base model and the method; validate them.
+
+    Values arrive as lmms-eval parsed them (int, float, bool or str); the method's config coerces
+    them to its field types. An unknown key raises ``ValueError`` naming every valid key. A key
+    that both the base and the method take goes to the base (with a warning); the method's value
+    then goes in the spec, ``method=NAME:key=VALUE``.
+    """
+    kwargs = dict(kwargs)
+    method, options = _method_and_options(kwargs.pop("method", None), kwargs.pop("preset", None))
+    stats_path = kwargs.pop("stats_path", None)
+    examples = kwargs.pop("examples", 0)
+    method_params = set(get_method(method).options()) if method is not None else set()
+    shared = sorted(method_params & base_params & set(kwargs))
+    if shared:  # the base's keys win; the method's value can still be given inside its spec
+        warnings.warn(
+            f"model_args key(s) {shared} go to base {base!r}; to set the method's option of the same name, "
+            f"write it in the spec: method={method}:{shared[0]}=VALUE",
+            stacklevel=2,
+        )
+    base_kwargs = {key: value for key, value in kwargs.items() if key in base_params}
+    options.update({key: value for key, value in kwargs.items() if key in method_params and key not in base_params})
+    unknown = sorted(set(kwargs) - base_params - method_params - set(LMMS_EVAL_INJECTED))
+    if unknown:
+        method_keys = ", ".join(sorted(method_params)) if method is not None else "(none: no method)"
+        raise ValueError(
+            f"unknown model_args key(s) {unknown}. Valid keys: vtprune: {', '.join(WRAPPER_OPTIONS)}; "
+            f"method {method!r}: {method_keys}; base {base!r}: {', '.join(sorted(base_params))}"
+        )
+    if method is not None:
+        config = build_methods(method, options)[0].config  # coerces and validates now
+        options = {key: getattr(config, key) for key in options}
+    try:
+        examples = int(examples)
+    except (TypeError, ValueError):
+        raise ValueError(f"examples must be an integer, got {examples!r}") from None
+    return ModelArgs(base, base_kwargs, method, options, None if stats_path is None else str(stats_path), examples)
+
+
+# -- output hygiene ---------------------------------------------------------------------------
+_PROGRESS_LINE = re.compile(r"\d+%\|.*\|\s*\d+/\d+")
+
+
+@contextlib.contextmanager
+def _without_progress_bars():
+    """Hide the base's one-request progress bars; pass everything else written to stderr through."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        for line in re.split(r"[\r\n]+", buffer.getvalue()):
+            if line.strip() and not _PROGRESS_LINE.search(line):
+                sys.stderr.write(line + "\n")
+
+
+# -- the model --------------------------------------------------------------------------------
+class VTPruneLMM(lmms):
+    """lmms-eval model ``vtprune`` (chat variant; the instance follows its base's variant)."""
+
+    is_simple = False
+
+    def __init__(self, base: str = "llava_hf", **kwargs) -> None:
+        super().__init__()
+        self.handle = None
+        self.probe = None
+        self.records: list[dict] = []
+        self.examples: list[dict] = []
+        try:
+            self._setup(str(base), kwargs)
+        except Exception as error:
+            raise _abort(f"vtprune: cannot set up base={base!r}: {error}", error) from error
+
+    def _setup(self, base: str, kwargs: dict) -> None:
+        from lmms_eval.models import get_model
+
+        base_cls = get_model(base, force_simple=type(self).is_simple)
+        try:
+            self.args = parse_model_args(kwargs, base, init_params(base_cls))
+        except ValueError as error:  # a flag error: the message says it all, no traceback
+            raise EvalAbort(f"vtprune: bad --model_args: {error}") from error
+        base_kwargs = _with_device_map(base_cls, self.args.base_kwargs)
+        self._base = base_cls(**base_kwargs)
+        self.is_simple = getattr(self._base, "is_simple", True)  # the requests the base understands
+        self.task_dict = self._base.task_dict  # lmms-eval fills ours; the base reads its own
+        self._rank, self._world_size = self._base.rank, self._base.world_size
+        self.hf_model = self._base.model
+        config = self.hf_model.config
+        image_token_id = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
+        self.probe = GenerationProbe(self.hf_model, image_token_id)
+        self.keep_examples = self.args.examples
+        try:
+            self.configure(self.args.method, self.args.options)
+        except (ValueError, TypeError) as error:  # vtprune's patch-time checks name the fix
+            raise EvalAbort(
+                f"vtprune: cannot apply {self.args.label} to {type(self.hf_model).__name__}: {error}"
+            ) from error
+
+    # -- configuration ----------------------------------------------------------------------------
+    def configure(self, method: str | None, options: dict | None = None) -> None:
+        """Switch pruning: remove the current patch, apply ``method`` (None: no pruning)."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        self.records, self.examples = [], []
+        self.method, self.options = method, dict(options or {})
+        if method is not None:
+            import vtprune
+
+            self.handle = vtprune.patch(self.hf_model, method, **self.options)
+        self.label = ModelArgs(self.args.base, {}, method, self.options).label
+
+    def close(self) -> None:
+        """Remove the patch and the measurement hooks; the base model is as loaded."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
+
+    def __getattr__(self, name):
+        # everything else (tokenizer, model, device, accelerator, chat_template...) is the base's
+        if name.startswith("__") or "_base" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["_base"], name)
+
+    def set_cache_hook(self, cache_hook) -> None:
+        super().set_cache_hook(cache_hook)
+        self._base.set_cache_hook(cache_hook)
+
+    def clean(self) -> None:
+        """Free cached memory but keep the model loaded (a sweep reuses it)."""
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- requests -------------------------------------------------------------------------------
+    def generate_until(self, requests):
+        return self._run("generate_until", requests)
+
+    def generate_until_multi_round(self, requests):
+        return self._run("generate_until_multi_round", requests)
+
+    def loglikelihood(self, requests):
+        return self._run("loglikelihood", requests)
+
+    def _run(self, kind: str, requests) -> list:
+        outputs = []
+        bar = tqdm(total=len(requests), desc=f"vtprune [{self.label}]", disable=self.rank != 0)
+        for request in requests:
+            outputs.extend(self._one(kind, request))
+            bar.update(1)
+        bar.close()
+        self.write_stats()
+        return outputs
+
+    def _one(self, kind: str, request) -> list:
+        where = _describe(request)
+        before = self.handle.last if self.handle is not None else None
+        self.probe.take()
+        self.probe.keep_pixels = len(self.examples) < self.keep_examples
+        failure = None
+        try:
+            with _without_progress_bars():
+                output = getattr(self._base, kind)([request])
+        except Exception as error:
+            failure = error
+        calls, swallowed = self.probe.take()
+        root = swallowed or failure  # an error inside generate is the cause even if the base then failed
+        if root is not None:
+            hint = " (raised inside generate(); the base model would have answered '')" if swallowed else ""
+            raise _abort(f"vtprune [{self.label}]: {kind} failed on {where}: {_name(root)}{hint}", root) from root
+        last = self.handle.last if self.handle is not None else None
+        prune = last if last is not None and last is not before else None
+        record = sample_record(request, calls, prune, self.hf_model.config)
+        self.records.append(record)
+        if prune is not None and len(self.examples) < self.keep_examples:
+            example = self._example(record, prune, calls)
+            if example is not None:
+                self.examples.append(example)
+        return output
+
+    def _example(self, record: dict, prune, calls) -> dict | None:
+        """Kept indices of one sample and its image as the model saw it (single-image samples)."""
+        from vtprune.evals.stats import model_view_image, visual_layout
+
+        layout = visual_layout(self.hf_model)
+        pixels = calls[0].pixel_values if calls else None
+        if layout is None or pixels is None or pixels.shape[0] != 1 or pixels.dim() != 4:
+            return None
+        image = model_view_image(pixels[0], self._base)
+        stages = [{"name": s.name, "layer": s.layer, "kept": s.kept[0].tolist()} for s in prune.stages]
+        return {
+            "task": record["task"],
+            "doc_id": record["doc_id"],
+            "method": self.label,
+            "grid": list(layout.grid),
+            "num_prefix": layout.num_prefix,
+            "num_tokens": layout.num_tokens,
+            "stages": stages,
+            "image": image,
+        }
+
+    # -- statistics -----------------------------------------------------------------------------
+    def summary(self) -> dict:
+        return summarize(self.records)
+
+    def write_stats(self) -> None:
+        if not self.args.stats_path:
+            return
+        path = Path(self.args.stats_path)
+        if self.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "base": self.args.base,
+            "method": self.label,
+            "options": self.options,
+            "summary": self.summary(),
+            "samples": self.records,
+            "examples": [{k: v for k, v in e.items() if k != "image"} for e in self.examples],
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(path)
+
+
+class VTPruneSimpleLMM(VTPruneLMM):
+    """The ``--force_simple`` variant: wraps the base's simple (doc_to_visual) class."""
+
+    is_simple = True
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _with_device_map(base_cls, kwargs: dict) -> dict:
+    """transformers 5 rejects ``device_map=""``, lmms-eval's llava_hf default: use the device.
+
+    Only for a single process: under ``accelerate launch`` llava_hf picks ``cuda:<rank>`` from "".
+    """
+    import os
+
+    parameter = inspect.signature(base_cls.__init__).parameters.get("device_map")
+    if parameter is None or parameter.default != "" or "device_map" in kwargs:
+        return kwargs
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return kwargs
+    device = kwargs.get("device", inspect.signature(base_cls.__init__).parameters["device"].default)
+    return {**kwargs, "device_map": str(device)}
+
+
+def _describe(request) -> str:
+    metadata = getattr(request, "metadata", None) or {}
+    return f"task {request.task_name!r} split {metadata.get('split')!r} doc_id {request.doc_id}"
+
+
+def _name(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _abort(message: str, error: BaseException) -> EvalAbort:
+    """Print the root cause's traceback (an uncaught SystemExit shows only its message); build the abort."""
+    if isinstance(error, EvalAbort):
+        return error
+    traceback.print_exception(error, file=sys.stderr)
+    return EvalAbort(message)  # uncaught, Python prints the message and exits with status 1

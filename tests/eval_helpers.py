@@ -1,0 +1,80 @@
+"""Tiny saved models and offline tasks for the lmms-eval and sweep tests (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from vtprune.evals.toy_models import text_config, tiny_llava
+from vtprune.evals.toy_processor import build_processor
+
+TOKENS_PER_IMAGE = 16  # tiny_llava: 32 px images, 8 px patches -> a 4 x 4 grid
+
+
+def answer_always(model, tokenizer, word: str) -> None:
+    """Turn the LLM into a bigram table: after ":" (the end of "ASSISTANT:") say ``word``, then EOS.
+
+    Embeddings become one-hot rows and every attention and MLP output projection is zeroed, so
+    the last hidden state is the current token's own embedding; the LM head maps it to the next
+    token. The image is irrelevant to the answer, so accuracy is known in advance.
+    """
+    vocab = model.config.text_config.vocab_size
+    ids = tokenizer.convert_tokens_to_ids([":", word, tokenizer.eos_token])
+    language_model = model.model.language_model
+    with torch.no_grad():
+        embeddings = language_model.embed_tokens.weight
+        embeddings.zero_()
+        embeddings[torch.arange(vocab), torch.arange(vocab)] = 1.0
+        for layer in language_model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = model.lm_head.weight
+        head.zero_()
+        head[ids[1], ids[0]] = 1.0
+        head[ids[2], ids[1]] = 1.0
+
+
+def save_toy_model(path, corpus: list[str], answer: str | None = None, vocab_size: int | None = None) -> Path:
+    """save_pretrained a tiny LLaVA and its processor into ``path``.
+
+    ``vocab_size`` below the tokenizer's makes the highest token ids out of range for the model.
+    """
+    processor = build_processor(corpus, image_size=32, patch_size=8)
+    tokenizer = processor.tokenizer
+    model = tiny_llava(text=text_config(vocab=vocab_size or len(tokenizer)))
+    if answer is not None:
+        answer_always(model, tokenizer, answer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return Path(path)
+
+
+def offline_env(tmp_path) -> dict:
+    """Environment for an lmms-eval subprocess: offline, caches inside ``tmp_path``."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"),
+        TOKENIZERS_PARALLELISM="false",
+        TQDM_MININTERVAL="5",
+    )
+    return env
+
+
+def run_lmms_eval(args: list[str], tmp_path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m lmms_eval ARGS`` as a user would run it; stdout and stderr together."""
+    return subprocess.run(
+        [sys.executable, "-m", "lmms_eval", *args],
+        env=offline_env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
