@@ -3,9 +3,10 @@
 Hooks (all on this instance, all recorded in the handle):
 - ``LlavaModel`` forward pre-hook: a forward with ``pixel_values`` starts a prefill; the image
   token positions come from ``input_ids == config.image_token_id``.
-- vision tower, at the attention layer whose output feeds the projector: forward hooks on
-  its ``q_proj`` / ``k_proj`` capture the projections the layer computes anyway, and a hook on
-  the attention module turns them into the [CLS] attention row (no eager switch).
+- vision tower, at each attention layer a method scores (by default the layer whose output
+  feeds the projector): forward hooks on its ``q_proj`` / ``k_proj`` capture the projections
+  the layer computes anyway, and a hook on the attention module turns them into the rows the
+  method needs ([CLS] row, or attention received), with no eager switch.
 - ``language_model`` forward pre-hook / hook: the pre-LLM engine's cut (prefill) and the mask
   and position mapping for decode steps on the pruned cache.
 - in-LLM methods: a second ``language_model`` pre-hook / hook (after the pre-LLM ones, so it
@@ -30,8 +31,8 @@ from __future__ import annotations
 import torch
 
 from vtprune.engine.in_llm import InLLMPruner
-from vtprune.engine.pre_llm import PreLLMPruner
-from vtprune.engine.probe import cls_attention_row
+from vtprune.engine.pre_llm import PreLLMPruner, fixed_layout_selector
+from vtprune.engine.probe import cls_attention_row, received_attention
 from vtprune.handle import PruneRecord
 from vtprune.methods.base import BudgetConfig, VisualLayout
 from vtprune.patches import register_adapter
@@ -90,6 +91,15 @@ class LlavaAdapter:
             raise ValueError("vision_feature_layer selects the patch embeddings; there is no attention to score")
         return layers[hidden_index - 1].self_attn
 
+    def vision_attention(self, layer) -> torch.nn.Module:
+        """``"feature"`` or an encoder layer index -> that layer's attention module."""
+        if layer == "feature":
+            return self.feature_attention()
+        layers = self._vision_layers()
+        if not -len(layers) <= layer < len(layers):
+            raise ValueError(f"vision layer {layer} is outside the tower's {len(layers)} layers")
+        return layers[layer].self_attn
+
     # -- wiring ---------------------------------------------------------------------------
     def install(self, handle, methods) -> None:
         pre = [m for m in methods if m.stage == "pre_llm"]
@@ -105,7 +115,7 @@ class LlavaAdapter:
         in_pruner = self._in_llm_pruner(in_llm[0], pre_pruner) if in_llm else None
 
         published: dict = {}
-        record = {"tokens_per_image": layout.num_tokens, "text_config": text_config}
+        record = {"text_config": text_config}
         if in_pruner is not None:
             record["kv_bytes_per_token"] = in_pruner.backbone.kv_bytes_per_token(self.language_model.dtype)
 
@@ -129,8 +139,8 @@ class LlavaAdapter:
             )
         )
         if pre_pruner is not None:
-            if pre_pruner.method.score == "cls_attention":
-                hooks.extend(self._install_cls_probe(pre_pruner))
+            if pre_pruner.method.vision_probes():
+                hooks.extend(self._install_vision_probes(pre_pruner))
             hooks.append(
                 self.language_model.register_forward_pre_hook(pre_pruner.language_model_pre_hook, with_kwargs=True)
             )
@@ -149,14 +159,27 @@ class LlavaAdapter:
             hooks.extend(self._install_label_cut(pre_pruner, in_pruner))
 
     def _pre_llm_pruner(self, method, layout) -> PreLLMPruner:
-        if method.score == "cls_attention" and not self.has_cls_token():
+        needs_cls = any(kind == "cls" for kind, _ in method.vision_probes().values())
+        if needs_cls and not self.has_cls_token():
             raise ValueError(
                 f"method {method.name!r} scores by [CLS] attention, but the vision tower "
-                f"{type(self.vision_tower).__name__} has no [CLS] token; use a score-free method (random, uniform)"
+                f"{type(self.vision_tower).__name__} has no [CLS] token; "
+                "use fopru or a score-free method (random, uniform)"
+            )
+        for _, layer in method.vision_probes().values():
+            self.vision_attention(layer)  # a layer outside the tower fails now
+        return PreLLMPruner(method, self.token_selector(method, layout), on_prefill=None)
+
+    def token_selector(self, method, layout):
+        """How the image tokens to keep are chosen: one fixed layout per image (LLaVA-1.5)."""
+        if method.multi_crop_only:
+            raise ValueError(
+                f"method {method.name!r} splits a budget across the crops of high-resolution (AnyRes) images; "
+                f"{type(self.model).__name__} sees single-resolution images: use fastervlm, fopru, random or uniform"
             )
         if isinstance(method.config, BudgetConfig):
             method.config.num_keep(layout.num_tokens)  # a budget larger than the image fails now, not mid-forward
-        return PreLLMPruner(method, layout, on_prefill=None)
+        return fixed_layout_selector(method, layout)
 
     def _in_llm_pruner(self, method, pre_pruner) -> InLLMPruner:
         backbone = llm_backbone(self.language_model)  # unsupported LLMs fail here, at patch time
@@ -182,15 +205,14 @@ class LlavaAdapter:
             image_mask = input_ids == image_token_id
             new_record()
             if pre_pruner is not None:
-                if pixel_values is not None:  # the tower runs inside this forward and delivers the scores
-                    pre_pruner.begin_prefill(image_mask, num_images=pixel_values.shape[0])
-                else:  # generate() encoded the images before the prefill: the scores rode along
+                num_images = pixel_values.shape[0] if pixel_values is not None else len(encoded.pooler_output)
+                pre_pruner.begin_prefill(image_mask, num_images, **self.prefill_context(args, kwargs))
+                if pixel_values is None:  # generate() encoded the images before the prefill: the scores rode along
                     scores = getattr(encoded, SCORES_ATTRIBUTE, None)
-                    if pre_pruner.method.score is not None and scores is None:
+                    if pre_pruner.method.vision_probes() and scores is None:
                         raise RuntimeError(
                             "the images were encoded before vtprune.patch was applied; encode them again after patching"
                         )
-                    pre_pruner.begin_prefill(image_mask, num_images=len(encoded.pooler_output))
                     pre_pruner.pending.scores = scores
             if in_pruner is not None:
                 # original visual-token index of each column: images of a sample in order of appearance
@@ -199,40 +221,54 @@ class LlavaAdapter:
 
         return hook
 
-    def _install_cls_probe(self, pruner):
-        """[CLS] attention row of the feature layer, computed whenever the vision tower runs.
+    def prefill_context(self, args, kwargs) -> dict:
+        """Extra inputs the token selector needs (none for LLaVA-1.5)."""
+        return {}
 
-        The scores are attached to the tower's output (which becomes ``mm_encoder_outputs``
-        when ``generate`` encodes images ahead of the prefill) and handed to a pending prefill.
+    def _install_vision_probes(self, pruner):
+        """The attention rows the method needs, computed whenever the vision tower runs.
+
+        For each probe (name -> (kind, layer)) hooks capture that layer's q/k projections and
+        turn them into one score per visual token, (num_images, N) fp32. The scores dict is
+        attached to the tower's output (which becomes ``mm_encoder_outputs`` when ``generate``
+        encodes images ahead of the prefill) and handed to a pending prefill.
         """
-        attention = self.feature_attention()
+        first_column = 0 if self.select_strategy == "full" else 1
+        scores, hooks = {}, []
+        for name, (kind, layer) in pruner.method.vision_probes().items():
+            hooks.extend(self._probe_hooks(self.vision_attention(layer), kind, name, first_column, scores))
+
+        def attach(module, args, output):
+            result = dict(scores)
+            scores.clear()
+            setattr(output, SCORES_ATTRIBUTE, result)
+            if pruner.pending is not None and pruner.pending.scores is None:
+                pruner.pending.scores = result
+
+        return [*hooks, self.vision_tower.register_forward_hook(attach)]
+
+    @staticmethod
+    def _probe_hooks(attention, kind, name, first_column, scores):
         num_heads = attention.num_heads
         scale = getattr(attention, "scale", None) or getattr(attention, "scaling", None) or attention.head_dim**-0.5
-        first_column = 0 if self.select_strategy == "full" else 1
+        probe = {"cls": cls_attention_row, "received": received_attention}[kind]
         captured = {}
 
-        def capture(name):
+        def capture(part):
             def hook(module, args, output):
-                captured[name] = output
+                captured[part] = output
 
             return hook
 
         def score(module, args, output):
             if "q" in captured and "k" in captured:
-                row = cls_attention_row(captured.pop("q"), captured.pop("k"), num_heads, scale)
-                captured["scores"] = row[:, first_column:]  # (num_images, N)
-
-        def attach(module, args, output):
-            scores = captured.pop("scores", None)
-            setattr(output, SCORES_ATTRIBUTE, scores)
-            if pruner.pending is not None and pruner.pending.scores is None:
-                pruner.pending.scores = scores
+                row = probe(captured.pop("q"), captured.pop("k"), num_heads, scale)
+                scores[name] = row[:, first_column:]  # (num_images, N)
 
         return [
             attention.q_proj.register_forward_hook(capture("q")),
             attention.k_proj.register_forward_hook(capture("k")),
             attention.register_forward_hook(score),
-            self.vision_tower.register_forward_hook(attach),
         ]
 
     def _install_label_cut(self, pre_pruner, in_pruner):

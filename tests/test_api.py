@@ -27,9 +27,7 @@ def test_spec_forms_build_the_same_config(model):
 
 
 def test_unknown_method_suggests_the_closest(model):
-    with pytest.raises(
-        ValueError, match=r"Did you mean 'fastervlm'.*Known methods: fastervlm, .*random, uniform"
-    ):
+    with pytest.raises(ValueError, match=r"Did you mean 'fastervlm'.*Known methods: fastervlm, .*random, uniform"):
         vtprune.patch(model, "fastervlmm", keep_ratio=0.5)
 
 
@@ -76,7 +74,7 @@ def test_cls_method_on_a_tower_without_cls_is_refused():
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration(config).eval()
-    with pytest.raises(ValueError, match="has no \\[CLS\\] token; use a score-free method"):
+    with pytest.raises(ValueError, match="has no \\[CLS\\] token; use fopru or a score-free method"):
         vtprune.patch(model, "fastervlm", keep_ratio=0.5)
     vtprune.patch(model, "uniform", keep_ratio=0.5).remove()  # score-free methods still work
 

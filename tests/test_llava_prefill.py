@@ -71,7 +71,7 @@ def test_fastervlm_scores_and_kept_indices_match_eager_attention(strategy, featu
         encoded = model.model.get_image_features(pixel_values=px)
         ids = torch.cat([prompt_ids([2, 2, 2, 3], num_images=3, tokens_per_image=num_tokens)])[None]
         model(input_ids=ids, pixel_values=px)
-    torch.testing.assert_close(encoded._vtprune_scores, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(encoded._vtprune_scores["cls"], reference, rtol=1e-5, atol=1e-6)
     expected = top_k_sorted(reference, 5) + torch.arange(3)[:, None] * num_tokens
     assert torch.equal(handle.last.stages[0].kept[0], expected.flatten())
 

@@ -40,7 +40,6 @@ class PruneRecord:
     def __init__(
         self,
         *,
-        tokens_per_image: int,
         text_config,
         pre: tuple[str, PrefillResult] | None = None,
         llm: tuple[str, LLMPrefillResult] | None = None,
@@ -50,7 +49,6 @@ class PruneRecord:
             raise ValueError("a PruneRecord needs a pre-LLM or an in-LLM result")
         self._pre = pre
         self._llm = llm
-        self._tokens_per_image = tokens_per_image
         self._text_config = text_config
         self._kv_bytes_per_token = kv_bytes_per_token
 
@@ -58,27 +56,18 @@ class PruneRecord:
     def _per_sample(self) -> dict[str, list[int]]:
         if self._pre is not None:
             r = self._pre[1]
-            images, before, after = r.images_per_sample, r.real_tokens_before, r.real_tokens_after
+            visual, before, after = r.visual_in, r.real_tokens_before, r.real_tokens_after
         else:
             r = self._llm[1]
-            images, before, after = r.visual_in // self._tokens_per_image, r.real_in, r.real_in
-        return {"images": images.tolist(), "before": before.tolist(), "after": after.tolist()}
+            visual, before, after = r.visual_in, r.real_in, r.real_in
+        return {"visual": visual.tolist(), "before": before.tolist(), "after": after.tolist()}
 
     @cached_property
     def stages(self) -> list[Stage]:
         stages = []
         if self._pre is not None:
             name, result = self._pre
-            kept_cpu = result.kept.cpu()
-            n, k = kept_cpu.shape
-            offsets = torch.arange(n)[:, None] * self._tokens_per_image
-            per_sample, start = [], 0
-            for count in self._per_sample["images"]:
-                # image j of the sample contributes indices j * N + kept_j
-                rows = kept_cpu[start : start + count] + offsets[:count]
-                per_sample.append(rows.flatten())
-                start += count
-            stages.append(Stage(name=name, layer=-1, kept=per_sample))
+            stages.append(Stage(name=name, layer=-1, kept=[row[row >= 0] for row in result.kept_index.cpu()]))
         if self._llm is not None:
             name, result = self._llm
             for cut in result.cuts:
@@ -89,7 +78,7 @@ class PruneRecord:
     @property
     def visual_tokens_in(self) -> list[int]:
         """Visual tokens per sample before pruning."""
-        return [count * self._tokens_per_image for count in self._per_sample["images"]]
+        return self._per_sample["visual"]
 
     @property
     def visual_tokens_kept(self) -> list[int]:

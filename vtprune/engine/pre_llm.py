@@ -3,7 +3,8 @@
 An adapter wires these callbacks to hooks on a loaded model:
 
 1. ``begin_prefill(image_token_mask, num_images)`` when a forward carries images;
-2. the adapter fills ``pending.scores`` from its probe in the vision tower (scored methods);
+2. the adapter fills ``pending.scores`` from its probe in the vision tower (scored methods),
+   and its ``select_tokens`` callable turns them into the image tokens to keep;
 3. ``language_model_pre_hook`` on the LLM module: at prefill it removes the pruned image
    tokens from ``inputs_embeds``, ``attention_mask`` and ``position_ids``; at later decode
    steps on the same cache it maps the mask and positions into the pruned coordinates;
@@ -16,7 +17,7 @@ Decode steps read nothing back to the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +29,8 @@ from vtprune.methods.base import Method, VisualLayout
 class PendingPrefill:
     image_token_mask: torch.Tensor  # (B, L) bool
     num_images: int
-    scores: torch.Tensor | None = None  # (num_images, N) fp32
+    scores: torch.Tensor | dict | None = None  # from the adapter's probes, e.g. (num_images, N) fp32
+    context: dict = field(default_factory=dict)  # what else the adapter's selector needs (image sizes, ...)
 
 
 @dataclass
@@ -45,24 +47,51 @@ class PrunedPrompt:
 class PrefillResult:
     """Raw tensors of one prefill; :class:`vtprune.handle.PruneRecord` turns them into stats."""
 
-    kept: torch.Tensor  # (num_images, k) sorted indices per image
-    images_per_sample: torch.Tensor  # (B,)
+    kept_index: torch.Tensor  # (B, L) visual-token index of each kept image column, -1 elsewhere
+    visual_in: torch.Tensor  # (B,) visual tokens per sample before the cut
     real_tokens_before: torch.Tensor  # (B,)
     real_tokens_after: torch.Tensor  # (B,)
 
 
+def visual_index(image_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> (B, L): each image column's index among its sample's visual tokens, else -1."""
+    return torch.where(image_mask, image_mask.long().cumsum(dim=1) - 1, -1)
+
+
+def fixed_layout_selector(method: Method, layout: VisualLayout):
+    """Token selection for models whose images all have the same layout (LLaVA-1.5).
+
+    Returns ``select(pending, device)``: a flat bool over all image tokens of the batch (images
+    in order), or None when the method keeps everything.
+    """
+
+    def select(pending: PendingPrefill, device) -> torch.Tensor | None:
+        if method.keeps_everything(layout):
+            return None
+        scores = pending.scores
+        if isinstance(scores, dict):  # one probe per single-resolution method
+            scores = next(iter(scores.values()), None)
+        kept = method.select(scores, pending.num_images, layout, device)  # (num_images, k)
+        keep = torch.zeros(pending.num_images, layout.num_tokens, dtype=torch.bool, device=device)
+        return keep.scatter_(1, kept, True).flatten()
+
+    return select
+
+
 class PreLLMPruner:
-    def __init__(self, method: Method, layout: VisualLayout, on_prefill):
+    """``select_tokens(pending, device)`` decides (see :func:`fixed_layout_selector`); this cuts."""
+
+    def __init__(self, method: Method, select_tokens, on_prefill):
         self.method = method
-        self.layout = layout
+        self.select_tokens = select_tokens
         self.positions = method.config.positions
         self.on_prefill = on_prefill  # callback(PrefillResult)
         self.pending: PendingPrefill | None = None
         self.prompt: PrunedPrompt | None = None
 
     # -- called by the adapter --------------------------------------------------------------
-    def begin_prefill(self, image_token_mask: torch.Tensor, num_images: int) -> None:
-        self.pending = PendingPrefill(image_token_mask, num_images)
+    def begin_prefill(self, image_token_mask: torch.Tensor, num_images: int, **context) -> None:
+        self.pending = PendingPrefill(image_token_mask, num_images, context=context)
         self.prompt = None
 
     def reset(self) -> None:
@@ -110,20 +139,19 @@ class PreLLMPruner:
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
         image_mask = pending.image_token_mask.to(embeds.device)
-        kept = self.method.select(pending.scores, pending.num_images, self.layout, embeds.device)
+        visual = visual_index(image_mask)
+        visual_in = image_mask.sum(dim=1)
         mask = kwargs.get("attention_mask")
-        images_per_sample = image_mask.sum(dim=1) // self.layout.num_tokens
-        if self.method.keeps_everything(self.layout):  # leave the inputs untouched: bit-identical
+        image_keep = self.select_tokens(pending, embeds.device)
+        if image_keep is None:  # nothing dropped: leave the inputs untouched, bit-identical
             real = mask.sum(dim=1) if mask is not None else torch.full((batch,), length, device=embeds.device)
-            self.on_prefill(PrefillResult(kept, images_per_sample, real, real))
+            self.on_prefill(PrefillResult(visual, visual_in, real, real))
             return kwargs
         if mask is not None and mask.dim() != 2:
             raise NotImplementedError("vtprune needs a 2-D attention mask (padding mask); got a 4-D mask")
         mask2d = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
 
-        image_keep = torch.zeros(pending.num_images, self.layout.num_tokens, dtype=torch.bool, device=embeds.device)
-        image_keep.scatter_(1, kept, True)
-        keep = (~image_mask).masked_scatter(image_mask, image_keep.flatten())
+        keep = (~image_mask).masked_scatter(image_mask, image_keep)
         cut = plan_cut(keep)
 
         positions = kwargs.get("position_ids")
@@ -138,7 +166,8 @@ class PreLLMPruner:
         kwargs = dict(kwargs, inputs_embeds=cut.gather(embeds), attention_mask=pruned_mask, position_ids=new_positions)
         self.prompt = PrunedPrompt(cut=cut, original_length=length, pruned_mask=pruned_mask, cache=cache)
         real_before = mask2d.sum(dim=1)
-        self.on_prefill(PrefillResult(kept, images_per_sample, real_before, real_before - cut.removed))
+        kept_index = torch.where(keep & image_mask, visual, -1)
+        self.on_prefill(PrefillResult(kept_index, visual_in, real_before, real_before - cut.removed))
         return kwargs
 
     def _continue_decode(self, prompt: PrunedPrompt, kwargs: dict) -> dict:

@@ -27,6 +27,24 @@ def cls_attention_row(queries: torch.Tensor, keys: torch.Tensor, num_heads: int,
     return logits.softmax(dim=-1).mean(dim=1)
 
 
+def received_attention(
+    queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float, chunk: int = 256
+) -> torch.Tensor:
+    """Attention each key receives, averaged over heads and over all queries. (n, T, D) x 2 -> (n, T).
+
+    Post-softmax rows, fp32, computed ``chunk`` queries at a time: at most n x H x chunk x T
+    weights exist at once, never the full T x T map.
+    """
+    n, num_tokens, dim = keys.shape
+    head_dim = dim // num_heads
+    k = keys.float().view(n, num_tokens, num_heads, head_dim).transpose(1, 2)  # (n, H, T, hd)
+    total = torch.zeros(n, num_heads, num_tokens, device=keys.device)
+    for start in range(0, num_tokens, chunk):  # a few chunks per image, not a loop over tokens
+        q = queries[:, start : start + chunk].float().view(n, -1, num_heads, head_dim).transpose(1, 2)
+        total += ((q @ k.transpose(-1, -2)) * scale).softmax(dim=-1).sum(dim=2)
+    return total.mean(dim=1) / num_tokens
+
+
 @dataclass(frozen=True)
 class AttentionParts:
     """What the LLM probe needs from one decoder layer (filled in by a backbone helper).

@@ -90,10 +90,19 @@ class Method:
     config_class: ClassVar[type[MethodConfig]]
     stage: ClassVar[str] = "pre_llm"
     score: ClassVar[str | None] = None
+    multi_crop_only: ClassVar[bool] = False  # budgets across AnyRes crops: needs a base image plus crops
     paper: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig):
         self.config = config
+
+    def vision_probes(self) -> dict[str, tuple[str, int | str]]:
+        """Attention rows the adapter computes in the vision tower: name -> (kind, layer).
+
+        kind: "cls" (the [CLS] query's row) or "received" (attention each token receives, mean
+        over queries); layer: "feature" (the layer feeding the projector) or an encoder index.
+        """
+        return {"cls": ("cls", "feature")} if self.score == "cls_attention" else {}
 
     def keeps_everything(self, layout: VisualLayout) -> bool:
         return isinstance(self.config, BudgetConfig) and self.config.num_keep(layout.num_tokens) == layout.num_tokens

@@ -52,6 +52,9 @@ class FoPru(Method):
     score = "received_attention"
     paper = "FoPru: Focal Pruning for Efficient Large Vision-Language Models (arXiv 2411.14164)"
 
+    def vision_probes(self):
+        return {"significance": ("received", "feature" if self.config.layer is None else int(self.config.layer))}
+
     def select(self, scores, num_images, layout, device):
         k = self.config.num_keep(layout.num_tokens)
         if self.config.strategy == "rank":
