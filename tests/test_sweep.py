@@ -174,3 +174,14 @@ def test_kept_patch_overlay_darkens_exactly_the_dropped_patches():
     assert shaded.shape == (64, 64, 3)
     bright = shaded[..., 0] == 200
     assert (bright == np.kron(expected, np.ones((16, 16), dtype=bool))).all()
+
+
+def test_cli_generates_the_builtin_task_and_rejects_a_budget_the_model_lacks(setup, capsys):
+    out = setup["root"] / "cli"
+    model_args = ",".join(f"{k}={v}" for k, v in setup["model_args"].items())
+    argv = ["eval", "--model-args", model_args, "--tasks", "vtprune_shapes", "--task-size", "3", "--out", str(out)]
+    code = vtprune_main(argv + ["--methods", "uniform", "--ratios", "0.5", "--presets", "fastervlm-58"])
+    assert code == 2
+    assert "configuration 'fastervlm-58' does not fit this model: keep_tokens=58" in capsys.readouterr().err
+    assert (out / "tasks" / "vtprune_shapes.yaml").exists()  # generated, no --include-path given
+    assert list((out / "runs").glob("*.json")) == []  # checked before anything was evaluated
