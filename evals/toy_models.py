@@ -120,3 +120,23 @@ def left_pad(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
         ids[row, length - seq.numel() :] = seq
         mask[row, length - seq.numel() :] = 1
     return ids, mask
+
+
+def tiny_llava_next(seed: int = 0, attn_implementation="sdpa", **kwargs):
+    """A few-layer LLaVA-NeXT: 32 px CLIP tower (4 x 4 patches), AnyRes crops up to 64 x 64 px."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    base = llava_config(attn_implementation=attn_implementation, **kwargs)
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        vision_feature_layer=base.vision_feature_layer,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model

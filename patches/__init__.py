@@ -22,7 +22,7 @@ def supported_families() -> dict[str, list[str]]:
 
 def get_adapter(model):
     """The adapter class for a loaded model, or a clear error listing what is supported."""
-    from vtprune.patches import llava  # noqa: F401  (registers the built-in adapters)
+    from vtprune.patches import llava, llava_next  # noqa: F401  (registers the built-in adapters)
 
     config = getattr(model, "config", None)
     adapter = _ADAPTERS.get(getattr(config, "model_type", None))
@@ -33,3 +33,20 @@ def get_adapter(model):
             f"Supported model classes: {supported}"
         )
     return adapter
+
+
+class InstanceMethodPatch:
+    """Wrap a bound method on one object (never its class); ``remove()`` restores it.
+
+    For the rare input no module hook can see (e.g. ``image_sizes`` when ``generate`` encodes
+    images itself): the wrapper is an attribute of this instance only, recorded in the handle.
+    """
+
+    def __init__(self, obj, name: str, make_wrapper):
+        if name in vars(obj):
+            raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance")
+        self.obj, self.name = obj, name
+        setattr(obj, name, make_wrapper(getattr(obj, name)))
+
+    def remove(self) -> None:
+        vars(self.obj).pop(self.name, None)

@@ -53,7 +53,7 @@ class LlavaAdapter:
 
     def __init__(self, model):
         self.model = model
-        self.base = model.model if type(model).__name__ == "LlavaForConditionalGeneration" else model
+        self.base = model.model if type(model).__name__ == self.model_classes[0] else model  # the *Model
         self.config = self.base.config
         self.vision_tower = self.base.vision_tower
         self.language_model = self.base.language_model
@@ -139,6 +139,7 @@ class LlavaAdapter:
             )
         )
         if pre_pruner is not None:
+            hooks.extend(self.prefill_patches(pre_pruner))
             if pre_pruner.method.vision_probes():
                 hooks.extend(self._install_vision_probes(pre_pruner))
             hooks.append(
@@ -224,6 +225,10 @@ class LlavaAdapter:
     def prefill_context(self, args, kwargs) -> dict:
         """Extra inputs the token selector needs (none for LLaVA-1.5)."""
         return {}
+
+    def prefill_patches(self, pruner) -> list:
+        """Instance-level patches a family needs beyond module hooks (none for LLaVA-1.5)."""
+        return []
 
     def _install_vision_probes(self, pruner):
         """The attention rows the method needs, computed whenever the vision tower runs.

@@ -82,7 +82,7 @@ def test_cls_method_on_a_tower_without_cls_is_refused():
 def test_methods_lists_options():
     listed = vtprune.methods()
     assert {"fastervlm", "random", "uniform"} <= set(listed)
-    assert set(listed["random"]["options"]) == {"positions", "keep_ratio", "keep_tokens", "seed"}
+    assert set(listed["random"]["options"]) == {"positions", "keep_ratio", "keep_tokens", "budget", "seed"}
     assert listed["fastervlm"]["stage"] == "pre_llm"
 
 

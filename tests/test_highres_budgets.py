@@ -2,7 +2,8 @@
 
 import torch
 
-from vtprune.methods.highres import CropLayout, allocate, base_map_on_crops, keep_top, per_subimage_budget
+from vtprune.methods.base import BudgetConfig
+from vtprune.methods.highres import CropLayout, allocate, base_map_on_crops, keep_top, subimage_budgets
 
 
 def test_keep_top_keeps_exactly_k_valid_tokens_per_row():
@@ -48,9 +49,10 @@ def test_base_map_is_resized_onto_the_valid_region_of_the_crops():
     assert on_crops[0].sum() > on_crops[1].sum()
 
 
-def test_per_subimage_budget_caps_by_valid_tokens():
+def test_subimage_budgets_caps_by_valid_tokens():
     valid = torch.ones(3, 16, dtype=torch.bool)
     valid[2, 8:] = False
     layout = CropLayout(grid=(4, 4), crop_grid=(1, 2), valid=valid)
-    assert per_subimage_budget(layout, None, 10).tolist() == [10, 10, 8]
-    assert per_subimage_budget(layout, 0.25, None).tolist() == [4, 4, 2]
+    assert subimage_budgets(layout, BudgetConfig(keep_tokens=10)).tolist() == [10, 10, 8]
+    assert subimage_budgets(layout, BudgetConfig(keep_ratio=0.25)).tolist() == [4, 4, 4]
+    assert subimage_budgets(layout, BudgetConfig(keep_ratio=0.25, budget="global")).tolist() == [5, 5, 2]

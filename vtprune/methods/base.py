@@ -16,6 +16,8 @@ from typing import ClassVar
 
 import torch
 
+from vtprune.methods.highres import CropLayout, keep_top, subimage_budgets
+
 POSITION_MODES = ("compact", "original")
 
 
@@ -48,15 +50,26 @@ class MethodConfig:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
 
 
+BUDGETS = ("per_image", "global")
+
+
 @dataclass
 class BudgetConfig(MethodConfig):
-    """A per-image budget: give ``keep_ratio`` (k = round(ratio * N)) or ``keep_tokens`` (k)."""
+    """A per-image budget: give ``keep_ratio`` (k = round(ratio * N)) or ``keep_tokens`` (k).
+
+    budget (AnyRes models, where an image is a base image plus crops): "per_image" gives every
+    sub-image the same k (FasterVLM's official rule); "global" gives the whole image
+    round(ratio * its tokens), or k per sub-image in total, chosen across its sub-images.
+    """
 
     keep_ratio: float | None = None
     keep_tokens: int | None = None
+    budget: str = "per_image"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if self.keep_ratio is not None and self.keep_tokens is not None:
             raise ValueError("give keep_ratio or keep_tokens, not both")
         if self.keep_ratio is None and self.keep_tokens is None:
@@ -106,6 +119,18 @@ class Method:
 
     def keeps_everything(self, layout: VisualLayout) -> bool:
         return isinstance(self.config, BudgetConfig) and self.config.num_keep(layout.num_tokens) == layout.num_tokens
+
+    def select_crops(self, scores: dict, crops: CropLayout) -> torch.Tensor:
+        """AnyRes images: which tokens of a base image and its crops to keep, (S, N) bool.
+
+        Default: the config's budget (see :class:`BudgetConfig`) filled with the top of the
+        method's one score among the tokens that exist after unpadding.
+        """
+        (score,) = scores.values()
+        if self.config.budget == "global":
+            total = subimage_budgets(crops, self.config).sum().view(1)
+            return keep_top(score.reshape(1, -1), crops.valid.reshape(1, -1), total).view_as(crops.valid)
+        return keep_top(score, crops.valid, subimage_budgets(crops, self.config))
 
     def select(self, scores: torch.Tensor | None, num_images: int, layout: VisualLayout, device) -> torch.Tensor:
         """Return kept indices, shape (num_images, k), sorted ascending in each row."""

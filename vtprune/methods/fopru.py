@@ -22,25 +22,21 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.methods.base import BudgetConfig, Method, top_k_sorted
-from vtprune.methods.highres import CropLayout, keep_rows_then_fill, keep_top, mask_to_indices, per_subimage_budget
+from vtprune.methods.highres import CropLayout, keep_rows_then_fill, mask_to_indices, subimage_budgets
 from vtprune.registry import register_method
 
 STRATEGIES = ("rank", "row")
-BUDGETS = ("per_image", "global")
 
 
 @dataclass
 class FoPruConfig(BudgetConfig):
     strategy: str = "rank"
     layer: int | None = None
-    budget: str = "per_image"
 
     def __post_init__(self):
         super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if self.budget == "global" and self.strategy == "row":
             raise ValueError("budget='global' ranks tokens across sub-images; use it with strategy='rank'")
 
@@ -68,12 +64,7 @@ class FoPru(Method):
         return torch.cat([torch.arange(prefix, device=device).expand(num_images, -1), kept_patches], dim=1)
 
     def select_crops(self, scores: dict, crops: CropLayout) -> torch.Tensor:
-        significance, valid = scores["significance"], crops.valid
-        if self.config.budget == "global":
-            total = per_subimage_budget(crops, self.config.keep_ratio, self.config.keep_tokens).sum()
-            flat = keep_top(significance.reshape(1, -1), valid.reshape(1, -1), total.view(1))
-            return flat.view_as(valid)
-        k = per_subimage_budget(crops, self.config.keep_ratio, self.config.keep_tokens)
-        if self.config.strategy == "rank":
-            return keep_top(significance, valid, k)
-        return keep_rows_then_fill(significance, valid, k, crops.grid[1])
+        if self.config.strategy == "rank":  # the default: top significance under the configured budget
+            return super().select_crops(scores, crops)
+        budgets = subimage_budgets(crops, self.config)
+        return keep_rows_then_fill(scores["significance"], crops.valid, budgets, crops.grid[1])

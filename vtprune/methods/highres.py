@@ -19,15 +19,24 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class CropLayout:
-    """How one high-resolution image is split: ``grid`` patches per sub-image, ``crop_grid`` crops."""
+    """How one high-resolution image is split: ``grid`` patches per sub-image, ``crop_grid`` crops.
+
+    ``valid`` lives on the model's device; ``valid_host`` is the same mask on the CPU, which the
+    adapter builds from the image sizes anyway, for the few decisions that need Python ints.
+    """
 
     grid: tuple[int, int]
     crop_grid: tuple[int, int]
     valid: torch.Tensor  # (S, N) bool
+    valid_host: torch.Tensor | None = None
 
     @property
     def num_subimages(self) -> int:
         return self.valid.shape[0]
+
+    @property
+    def host_valid(self) -> torch.Tensor:
+        return self.valid_host if self.valid_host is not None else self.valid.cpu()
 
 
 def keep_top(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -75,29 +84,37 @@ def base_map_on_crops(base_scores: torch.Tensor, layout: CropLayout) -> torch.Te
     of the stitched crop canvas, then cut into crops.
     """
     (h, w), (nh, nw) = layout.grid, layout.crop_grid
-    valid = layout.valid[1:].view(nh, nw, h, w).permute(0, 2, 1, 3).reshape(nh * h, nw * w)  # canvas
-    # the resize needs the box size on the host: once per image at prefill, like the model's own unpadding
-    rows = valid.any(dim=1).nonzero().flatten()
-    cols = valid.any(dim=0).nonzero().flatten()
-    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+
+    def to_canvas(crops):  # (nh * nw, h * w) -> (nh * h, nw * w)
+        return crops.view(nh, nw, h, w).permute(0, 2, 1, 3).reshape(nh * h, nw * w)
+
+    top, bottom, left, right = valid_box(to_canvas(layout.host_valid[1:]))
     resized = F.interpolate(
-        base_scores.float().view(1, 1, h, w),
-        size=(int(bottom - top), int(right - left)),
-        mode="bilinear",
-        align_corners=False,
+        base_scores.float().view(1, 1, h, w), size=(bottom - top, right - left), mode="bilinear", align_corners=False
     )[0, 0]
     canvas = torch.zeros(nh * h, nw * w, device=base_scores.device)
     canvas[top:bottom, left:right] = resized
-    canvas = canvas * valid
+    canvas = canvas * to_canvas(layout.valid[1:])
     return canvas.view(nh, h, nw, w).permute(0, 2, 1, 3).reshape(nh * nw, h * w)
 
 
-def per_subimage_budget(layout: CropLayout, keep_ratio: float | None, keep_tokens: int | None) -> torch.Tensor:
-    """The same budget for every sub-image (FasterVLM's official AnyRes rule), capped by its valid tokens."""
+def subimage_budgets(layout: CropLayout, config) -> torch.Tensor:
+    """Tokens each sub-image keeps under a :class:`~vtprune.methods.base.BudgetConfig`. (S,) long.
+
+    "per_image": k = keep_tokens, or round(keep_ratio * N) per sub-image (FasterVLM's official
+    AnyRes rule), capped by the sub-image's valid tokens. "global": the sum of those,
+    re-allocated over the sub-images in proportion to their valid tokens (exact total).
+    """
     valid_counts = layout.valid.sum(dim=1)
-    if keep_tokens is not None:
-        return valid_counts.clamp(max=keep_tokens)
-    return (valid_counts.double() * keep_ratio + 0.5).floor().long().clamp(min=1).minimum(valid_counts)
+    num_tokens = layout.valid.shape[1]
+    if config.keep_tokens is not None:
+        per_image = valid_counts.clamp(max=config.keep_tokens)
+    else:
+        k = max(1, int(config.keep_ratio * num_tokens + 0.5))
+        per_image = valid_counts.clamp(max=k)
+    if getattr(config, "budget", "per_image") == "global":
+        return allocate(per_image.sum(), valid_counts.double(), valid_counts)
+    return per_image
 
 
 def keep_rows_then_fill(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
@@ -122,3 +139,10 @@ def keep_rows_then_fill(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tens
 def mask_to_indices(keep: torch.Tensor, count: int) -> torch.Tensor:
     """(S, N) bool with ``count`` True per row -> (S, count) their indices, ascending (no host sync)."""
     return (~keep).to(torch.uint8).argsort(dim=-1, stable=True)[:, :count]
+
+
+def valid_box(valid: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows, cols) bool on the CPU -> (top, bottom, left, right) of its True bounding box."""
+    rows = valid.any(dim=1).nonzero().flatten()
+    cols = valid.any(dim=0).nonzero().flatten()
+    return int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
