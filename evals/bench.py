@@ -7,6 +7,18 @@ cut) and the whole prefill (vision tower + LLM), the FLOPs-ideal speedup next to
 one, and, measured separately on the same tensors, the time spent scoring ([CLS] row from
 the captured q/k) and selecting (top-k and the sequence cut).
 
+In-LLM methods (FastV, PyramidDrop) are timed the same way; every row also reports the
+tokens each decoder layer processes, the KV-cache bytes of the prefill (from the record, and
+measured on a real cache), and the peak memory of one whole prefill. Side by side, FastV runs
+the way its official inplace code does (``OfficialStyleFastV``: eager attention in the LLM,
+layer k-1's full attention map returned as with ``output_attentions``, then the inplace cut),
+against vtprune's FastV (SDPA kept, one attention row probed).
+
+Peak memory: on CUDA ``max_memory_allocated``; on a Linux CPU the rise of the process's peak
+resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``) over one prefill, with
+glibc told to return every block over 64 KiB to the system on free, so the peak follows the
+live tensors.
+
 Timings are medians of ``--repeats`` runs within one process; compare ratios, not absolute
 numbers, across machines.
 """
@@ -14,6 +26,8 @@ numbers, across machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import platform
 import statistics
@@ -23,19 +37,120 @@ from pathlib import Path
 import torch
 
 import vtprune
-from vtprune.engine.flops import llm_prefill_flops
+from vtprune.engine.flops import decoder_layer_flops, llm_prefill_flops
 from vtprune.engine.probe import cls_attention_row
 from vtprune.engine.sequence import plan_cut
 from vtprune.evals.toy_models import IMAGE_TOKEN_ID, build_llava, llava15_shaped_config
 from vtprune.methods.base import top_k_sorted
 from vtprune.patches.llava import LlavaAdapter
 
-# (label, spec): None is the unpruned model
+
+class OfficialStyleFastV:
+    """FastV as its official inplace code runs it; for this benchmark's comparison only.
+
+    Follows ``LlamaModel.forward`` of FastV's vendored transformers with ``fast_v_inplace``
+    and the HF port's requirement of an eager model: the LLM runs eager attention, layer k-1
+    hands back its full (B, H, T, T) attention weights (what ``output_attentions`` returns),
+    the last row ranks the image window ``[SYS_LENGTH, SYS_LENGTH + IMAGE_TOKEN_LENGTH)``, the
+    top ``round(N * (1 - R))`` plus all text positions are kept in order, the hidden states are
+    gathered, ``position_ids`` become the kept indices, and a plain causal mask is rebuilt over
+    the new length. Batch size 1 and no KV cache, as in the official inplace mode.
+    """
+
+    def __init__(self, k: int, ratio: float):
+        self.k, self.ratio = k, ratio
+
+    def prefill(self, model, inputs, encoded=None) -> dict:
+        """One prefill; ``encoded``: image features computed beforehand (the vision tower is then skipped)."""
+        language_model = model.model.language_model
+        input_ids = inputs["input_ids"]
+        image_mask = input_ids[0] == IMAGE_TOKEN_ID
+        sys_length = int(image_mask.nonzero()[0, 0])
+        image_tokens = int(image_mask.sum())
+        rank = round(image_tokens * (1 - self.ratio))
+        implementation = language_model.config._attn_implementation
+        language_model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                StopWatch._sync()
+                start = time.perf_counter()
+                embeds = model.get_input_embeddings()(input_ids)
+                if encoded is None:
+                    encoded = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+                features = encoded.pooler_output
+                embeds = embeds.masked_scatter(image_mask[None, :, None], torch.cat(features).to(embeds.dtype))
+                StopWatch._sync()
+                llm_start = time.perf_counter()
+                hidden = self._decoder(language_model, embeds, sys_length, image_tokens, rank)
+                model.lm_head(hidden[:, -1:])
+                StopWatch._sync()
+                end = time.perf_counter()
+        finally:
+            language_model.set_attn_implementation(implementation)
+        length = input_ids.shape[1]
+        layers = language_model.config.num_hidden_layers
+        counts = [length] * self.k + [length - image_tokens + rank] * (layers - self.k)
+        return {"prefill_s": end - start, "llm_prefill_s": end - llm_start, "record": _Counts(counts, rank)}
+
+    def _decoder(self, language_model, hidden, sys_length, image_tokens, rank):
+        length = hidden.shape[1]
+        positions = torch.arange(length, device=hidden.device)[None]
+        mask, embeddings = self._causal(hidden, positions, language_model)
+        weights = {}
+        capture = language_model.layers[self.k - 1].self_attn.register_forward_hook(
+            lambda module, args, output: weights.__setitem__("layer", output[1])
+        )
+        try:
+            for index, layer in enumerate(language_model.layers):
+                if index == self.k:
+                    window = weights.pop("layer")[0, :, -1, sys_length : sys_length + image_tokens].mean(dim=0)
+                    top = window.topk(rank).indices + sys_length
+                    keep = (
+                        torch.cat(
+                            [
+                                torch.arange(sys_length, device=hidden.device),
+                                top,
+                                torch.arange(sys_length + image_tokens, length, device=hidden.device),
+                            ]
+                        )
+                        .sort()
+                        .values
+                    )
+                    hidden, positions = hidden[:, keep], keep[None]
+                    mask, embeddings = self._causal(hidden, positions, language_model)
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=embeddings, position_ids=positions)
+        finally:
+            capture.remove()
+        return language_model.norm(hidden)
+
+    @staticmethod
+    def _causal(hidden, positions, language_model):
+        length = hidden.shape[1]
+        mask = torch.full((length, length), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device)
+        return mask.triu(1)[None, None], language_model.rotary_emb(hidden, positions)
+
+
+class _Counts:
+    """The figures a PruneRecord gives, for the official-style run (one sample)."""
+
+    def __init__(self, layer_tokens: list[int], kept: int):
+        self.layer_tokens, self.visual_tokens_kept = [layer_tokens], [kept]
+
+    def flops(self, text_config) -> int:
+        return sum(decoder_layer_flops(n, text_config) for n in self.layer_tokens[0])
+
+
+# (label, spec): None is the unpruned model; an OfficialStyleFastV runs outside vtprune
 CONFIGS: list[tuple[str, object]] = [
     ("full", None),
     ("fastervlm keep 0.5", "fastervlm:keep_ratio=0.5"),
     ("fastervlm keep 0.25", "fastervlm:keep_ratio=0.25"),
     ("fastervlm keep 0.1", "fastervlm:keep_ratio=0.1"),
+    ("fastv k=2 R=0.5", "fastv:k=2,ratio=0.5"),
+    ("fastv k=2 R=0.75", "fastv:k=2,ratio=0.75"),
+    ("pdrop (defaults)", "pdrop"),
+    ("fastv official-style k=2 R=0.5", OfficialStyleFastV(k=2, ratio=0.5)),
+    ("fastv official-style k=2 R=0.75", OfficialStyleFastV(k=2, ratio=0.75)),
 ]
 
 
@@ -80,6 +195,8 @@ def benchmark_inputs(model, text_tokens: int, device) -> dict:
 
 def prefill_once(model, inputs, spec) -> dict:
     """One prefill under one configuration: whole and LLM seconds, and the prune record."""
+    if isinstance(spec, OfficialStyleFastV):
+        return spec.prefill(model, inputs)
     handle = vtprune.patch(model, spec) if spec is not None else None
     llm_watch = StopWatch(model.model.language_model)
     try:
@@ -106,20 +223,108 @@ def time_configs(model, inputs, configs, repeats: int) -> list[dict]:
             if repeat > 0:  # the first round warms up
                 runs[label].append(run)
         print(f"  round {repeat}/{repeats} done", flush=True)
-    flops_unpruned = llm_prefill_flops(inputs["input_ids"].shape[1], model.config.text_config)
+    text_config = model.config.text_config
+    length = inputs["input_ids"].shape[1]
+    flops_unpruned = llm_prefill_flops(length, text_config)
+    kv_per_token = kv_bytes_per_token(model)
     rows = []
     for label, _ in configs:
         record = runs[label][0]["record"]
+        if record is None:
+            flops, layer_tokens = flops_unpruned, [length] * text_config.num_hidden_layers
+        elif isinstance(record, _Counts):
+            flops, layer_tokens = record.flops(text_config), record.layer_tokens[0]
+        else:
+            flops, layer_tokens = record.flops_after, record.layer_tokens[0]
         rows.append(
             {
                 "config": label,
                 "visual_tokens": record.visual_tokens_kept[0] if record else int(inputs["pixel_values"].shape[0] * 576),
-                "llm_flops": record.flops_after if record else flops_unpruned,
+                "llm_flops": flops,
+                "layer_tokens": layer_tokens,
+                "kv_cache_bytes": sum(layer_tokens) * kv_per_token,
                 "llm_prefill_s": statistics.median(r["llm_prefill_s"] for r in runs[label]),
                 "prefill_s": statistics.median(r["prefill_s"] for r in runs[label]),
             }
         )
     return rows
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token takes in one layer's KV cache (keys and values)."""
+    text = model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * kv_heads * head_dim * model.dtype.itemsize
+
+
+def measured_kv_bytes(model, inputs, spec) -> int | None:
+    """Bytes of the KV cache a real cached prefill leaves (None for the official-style run: no cache)."""
+    if isinstance(spec, OfficialStyleFastV):
+        return None
+    handle = vtprune.patch(model, spec) if spec is not None else None
+    try:
+        with torch.no_grad():
+            cache = model(**inputs, use_cache=True, logits_to_keep=1).cache
+    finally:
+        if handle:
+            handle.remove()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use when it started (bytes, or None if unknown)."""
+
+    M_MMAP_THRESHOLD = -3
+
+    @classmethod
+    def prepare(cls) -> None:
+        """On glibc, serve and return every block over 64 KiB with mmap, so freed tensors leave the RSS."""
+        if not torch.cuda.is_available():
+            with contextlib.suppress(OSError):
+                ctypes.CDLL("libc.so.6").mallopt(cls.M_MMAP_THRESHOLD, 64 * 1024)
+
+    def __enter__(self):
+        self.peak = None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset the peak resident set size (VmHWM) to the current one
+                self._base = self._status()["VmRSS"]
+            except OSError:
+                self._base = None
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        elif self._base is not None:
+            self.peak = self._status()["VmHWM"] - self._base
+
+    @staticmethod
+    def _status() -> dict:
+        values = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    values[key] = int(rest.split()[0]) * 1024
+        return values
+
+
+def measure_memory(model, inputs, configs, rows) -> None:
+    """Adds the peak memory of one whole prefill and the measured KV-cache bytes to each row."""
+    for (_, spec), row in zip(configs, rows, strict=True):
+        prefill_once(model, inputs, spec)  # warm: the measured run allocates like a steady state
+        with PeakMemory() as memory:
+            prefill_once(model, inputs, spec)
+        row["peak_memory_bytes"] = memory.peak
+        row["kv_cache_bytes_measured"] = measured_kv_bytes(model, inputs, spec)
 
 
 def time_scoring(model, inputs, keep_ratio: float, repeats: int = 50) -> dict:
@@ -160,11 +365,63 @@ def time_scoring(model, inputs, keep_ratio: float, repeats: int = 50) -> dict:
     return {"score_select_s": median_seconds(score_and_select), "cut_s": median_seconds(cut, kept)}
 
 
+def fastv_head_to_head(model, inputs, ratios=(0.5, 0.75), k: int = 2, repeats: int = 10) -> list[dict]:
+    """vtprune's FastV against the official-style FastV: LLM prefill time and peak memory.
+
+    Both run on the same image features, computed once beforehand (the vision tower is the
+    same for both and is left out), in alternating order; times are the median and the
+    minimum of ``repeats`` runs each (the minimum is the least disturbed by other load).
+    """
+    with torch.no_grad():
+        encoded = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    input_ids = inputs["input_ids"]
+
+    def ours(spec):
+        handle = vtprune.patch(model, spec)
+        watch = StopWatch(model.model.language_model)
+        try:
+            with torch.no_grad():
+                model(input_ids=input_ids, mm_encoder_outputs={"image": encoded}, use_cache=False, logits_to_keep=1)
+        finally:
+            watch.remove()
+            handle.remove()
+        return watch.times[0]
+
+    rows = []
+    for ratio in ratios:
+        spec, official = f"fastv:k={k},ratio={ratio}", OfficialStyleFastV(k=k, ratio=ratio)
+        runs = {
+            "vtprune": lambda spec=spec: ours(spec),
+            "official": lambda official=official: official.prefill(model, inputs, encoded)["llm_prefill_s"],
+        }
+        times = {name: [] for name in runs}
+        peaks = {}
+        for name, fn in runs.items():
+            fn()  # warm up
+            with PeakMemory() as memory:
+                fn()
+            peaks[name] = memory.peak
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                times[name].append(fn())
+        row = {"k": k, "ratio": ratio}
+        for name in runs:
+            row[f"{name}_llm_prefill_s_median"] = statistics.median(times[name])
+            row[f"{name}_llm_prefill_s_min"] = min(times[name])
+            row[f"{name}_llm_peak_memory_bytes"] = peaks[name]
+        rows.append(row)
+        print(f"  fastv head-to-head R={ratio} done", flush=True)
+    return rows
+
+
 def run(repeats: int, text_tokens: int, device: str) -> dict:
+    PeakMemory.prepare()
     torch.manual_seed(0)
     model = build_llava(llava15_shaped_config("realistic")).to(device)
     inputs = benchmark_inputs(model, text_tokens, device)
     rows = time_configs(model, inputs, CONFIGS, repeats)
+    measure_memory(model, inputs, CONFIGS, rows)
+    head_to_head = fastv_head_to_head(model, inputs, repeats=max(2 * repeats, 10))
     base = rows[0]
     for row in rows:
         row["flops_ideal_speedup"] = base["llm_flops"] / row["llm_flops"]
@@ -184,8 +441,19 @@ def run(repeats: int, text_tokens: int, device: str) -> dict:
         "prompt_tokens": inputs["input_ids"].shape[1],
         "repeats": repeats,
         "rows": rows,
+        "fastv_head_to_head": head_to_head,
         "scoring": scoring,
     }
+
+
+def _run_lengths(counts: list[int]) -> str:
+    """[620, 620, 332, ...] -> "620x2, 332x22"."""
+    parts, start = [], 0
+    for index in range(1, len(counts) + 1):
+        if index == len(counts) or counts[index] != counts[start]:
+            parts.append(f"{counts[start]}x{index - start}")
+            start = index
+    return ", ".join(parts)
 
 
 def format_table(result: dict) -> str:
@@ -199,6 +467,38 @@ def format_table(result: dict) -> str:
             f"| {row['config']} | {row['visual_tokens']} | {row['llm_flops'] / 1e12:.3f} | "
             f"{row['llm_prefill_s'] * 1e3:.0f} | {row['prefill_s'] * 1e3:.0f} | {row['flops_ideal_speedup']:.2f}x | "
             f"{row['measured_speedup']:.2f}x | {row['efficiency']:.2f} |"
+        )
+    lines += [
+        "",
+        "| config | tokens per decoder layer | KV cache MB (record / measured) | peak memory of a prefill MB |",
+        "|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        measured = row.get("kv_cache_bytes_measured")
+        peak = row.get("peak_memory_bytes")
+        lines.append(
+            f"| {row['config']} | {_run_lengths(row['layer_tokens'])} | {row['kv_cache_bytes'] / 2**20:.1f} / "
+            f"{'n/a (no cache)' if measured is None else f'{measured / 2**20:.1f}'} | "
+            f"{'n/a' if peak is None else f'{peak / 2**20:.0f}'} |"
+        )
+    lines += [
+        "",
+        "FastV k=2, LLM prefill on the same image features: vtprune (SDPA, attention-row probe) against the "
+        "official-style run (eager LLM, full attention map of layer k-1), median (min) of alternating runs:",
+        "",
+        "| R | vtprune ms | official-style ms | vtprune faster by (median / min) | peak MB vtprune "
+        "| peak MB official-style |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["fastv_head_to_head"]:
+        ours_med, ours_min = row["vtprune_llm_prefill_s_median"], row["vtprune_llm_prefill_s_min"]
+        off_med, off_min = row["official_llm_prefill_s_median"], row["official_llm_prefill_s_min"]
+        peaks = [row["vtprune_llm_peak_memory_bytes"], row["official_llm_peak_memory_bytes"]]
+        peak_text = " | ".join("n/a" if p is None else f"{p / 2**20:.0f}" for p in peaks)
+        lines.append(
+            f"| {row['ratio']} | {ours_med * 1e3:.0f} ({ours_min * 1e3:.0f}) | "
+            f"{off_med * 1e3:.0f} ({off_min * 1e3:.0f}) | {off_med / ours_med:.2f}x / {off_min / ours_min:.2f}x | "
+            f"{peak_text} |"
         )
     scoring = result["scoring"]
     lines.append(
