@@ -132,10 +132,22 @@ def test_nothing_dropped_is_bit_identical_and_remove_restores(model_type):
 # -- the probe ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", [*BACKBONES, "qwen3"])
+@functools.cache
+def windowed_mistral(attn: str = "sdpa", window: int = 7):
+    config = text_config("mistral", layers=LAYERS)
+    config.sliding_window = window
+    return tiny_llava(seed=1, text=config, attn_implementation=attn)
+
+
+@pytest.mark.parametrize("model_type", [*BACKBONES, "qwen3", "mistral-window"])
 def test_probe_equals_eager_attention_weights(model_type):
-    """The last-prompt-token row of each layer, from the sdpa model's own parts, left padding included."""
-    model, twin = model_for(model_type), twin_of(model_type)
+    """The last-prompt-token row of each layer, from the sdpa model's own parts, left padding included
+    (and a sliding window shorter than the prompt)."""
+    if model_type == "mistral-window":
+        model = windowed_mistral()
+        twin = eager_twin(model)
+    else:
+        model, twin = model_for(model_type), twin_of(model_type)
     ids, mask = left_pad([sample(1, (3, 9)), sample(2, (8, 2))])
     embeds = merged_embeddings(model, ids, images(2))
     positions = (mask.cumsum(1) - 1).clamp(min=0)

@@ -11,13 +11,15 @@ from vtprune import methods as _builtin_methods  # noqa: F401  (registers the bu
 from vtprune.api import get_handle, patch, patched, unpatch
 from vtprune.config import build_methods, parse_spec
 from vtprune.handle import PruneHandle, PruneRecord, Stage
-from vtprune.methods.base import BudgetConfig, Method, MethodConfig, VisualLayout
+from vtprune.methods.base import BudgetConfig, CutPoint, InLLMMethod, Method, MethodConfig, VisualLayout
 from vtprune.registry import methods, register_method
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BudgetConfig",
+    "CutPoint",
+    "InLLMMethod",
     "Method",
     "MethodConfig",
     "PruneHandle",

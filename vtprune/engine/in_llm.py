@@ -24,9 +24,16 @@ caches. At decode steps every stage gets its own 2-D mask (its pruned prompt mas
 the tokens generated since) and positions: ``"original"`` keeps the model's positions,
 ``"compact"`` moves them down by the visual tokens removed by the cuts up to that stage.
 
+Positions with a pre-LLM stage in front: each stage applies its own mode to the gaps it makes
+(a "compact" cut closes the gaps of its own drops), so all-compact stacks renumber densely.
+
 Output: the LLM's last hidden states (hence the logits) cover the *reduced* sequence of the
 last stage at prefill; the last column is still the last prompt token, which is all
 generation needs. Labels are cut the same way (:meth:`InLLMPruner.cut_labels`).
+
+Without a KV cache (``use_cache=False``, also in ``generate``) every forward is a prefill and is
+scored and pruned afresh from its own last token (FastV's "dynamic" mode); with a cache the
+prompt is pruned once and decode steps reuse it ("static").
 
 Host syncs: one per cut at prefill (the new sequence length, in ``plan_cut``); none of our own
 at decode steps. The masks come from transformers' builders, which, like the model's own mask
@@ -85,7 +92,6 @@ class _Forward:
     """Per-forward state, from the LLM pre-hook to the LLM forward hook."""
 
     prefill: bool
-    stage: int = 0  # the stage the next layers belong to
     stages: list[Columns] = field(default_factory=list)  # prefill: stages built so far
     scores: torch.Tensor | None = None  # prefill: probe scores awaiting their cut
     cuts: list[CutResult] = field(default_factory=list)
@@ -271,7 +277,6 @@ class InLLMPruner:
             cut=cut,
         )
         forward.stages.append(new)
-        forward.stage = len(forward.stages) - 1
         forward.cuts.append(CutResult(layer_index, new.visual_index, cut.removed))
         hidden = cut.gather(hidden)
         forward.substitute = {
@@ -316,7 +321,6 @@ class InLLMPruner:
             positions = positions - stage.removed[:, None]
         else:
             embeddings = kwargs.get("position_embeddings")
-        forward.stage = stage_index
         forward.substitute = {
             "mask2d": torch.cat([stage.mask2d, forward.extra_mask.to(stage.mask2d.dtype)], dim=1),
             "position_ids": positions,
