@@ -227,6 +227,7 @@ def time_configs(model, inputs, configs, repeats: int) -> list[dict]:
     length = inputs["input_ids"].shape[1]
     flops_unpruned = llm_prefill_flops(length, text_config)
     kv_per_token = kv_bytes_per_token(model)
+    visual_unpruned = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
     rows = []
     for label, _ in configs:
         record = runs[label][0]["record"]
@@ -239,7 +240,7 @@ def time_configs(model, inputs, configs, repeats: int) -> list[dict]:
         rows.append(
             {
                 "config": label,
-                "visual_tokens": record.visual_tokens_kept[0] if record else int(inputs["pixel_values"].shape[0] * 576),
+                "visual_tokens": record.visual_tokens_kept[0] if record else visual_unpruned,
                 "llm_flops": flops,
                 "layer_tokens": layer_tokens,
                 "kv_cache_bytes": sum(layer_tokens) * kv_per_token,

@@ -140,3 +140,27 @@ def tiny_llava_next(seed: int = 0, attn_implementation="sdpa", **kwargs):
     model = LlavaNextForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     return model
+
+
+def llava_next_shaped(scale: str = "realistic", seed: int = 0):
+    """LLaVA-NeXT shape: the LLaVA-1.5-shaped tower and LLM with AnyRes crops of 336 px.
+
+    A 672 x 672 image becomes a base image plus 2 x 2 crops: 5 x 576 patch tokens, packed as
+    576 + 48 rows x (48 + 1 newline) = 2928 image tokens.
+    """
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    base = llava15_shaped_config(scale)
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = base._attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
