@@ -22,7 +22,13 @@ def supported_families() -> dict[str, list[str]]:
 
 def get_adapter(model):
     """The adapter class for a loaded model, or a clear error listing what is supported."""
-    from vtprune.patches import llava, llava_next  # noqa: F401  (registers the built-in adapters)
+    from vtprune.patches import (  # noqa: F401  (registers the built-in adapters)
+        llava,
+        llava_next,
+        llava_onevision,
+        llava_original,
+        qwen2_vl,
+    )
 
     config = getattr(model, "config", None)
     adapter = _ADAPTERS.get(getattr(config, "model_type", None))

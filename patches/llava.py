@@ -63,8 +63,20 @@ class LlavaAdapter:
     def select_strategy(self) -> str:
         return self.config.vision_feature_select_strategy
 
+    @property
+    def vision_config(self):
+        return self.config.vision_config
+
+    @property
+    def text_config(self):
+        return self.config.text_config
+
+    @property
+    def vision_feature_layer(self):
+        return self.config.vision_feature_layer
+
     def layout(self) -> VisualLayout:
-        vision = self.config.vision_config
+        vision = self.vision_config
         side = vision.image_size // vision.patch_size
         prefix = 1 if self.select_strategy == "full" else 0
         return VisualLayout(num_tokens=side * side + prefix, grid=(side, side), num_prefix=prefix)
@@ -84,7 +96,7 @@ class LlavaAdapter:
     def feature_attention(self) -> torch.nn.Module:
         """The attention module of the vision layer whose output feeds the projector."""
         layers = self._vision_layers()
-        feature_layer = self.config.vision_feature_layer
+        feature_layer = self.vision_feature_layer
         indices = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
         hidden_index = max(i % (len(layers) + 1) for i in indices)
         if hidden_index == 0:
@@ -110,7 +122,7 @@ class LlavaAdapter:
                 f"e.g. [('fastervlm', {{...}}), ('pdrop', {{...}})]; got {[f'{m.name} ({m.stage})' for m in methods]}"
             )
         layout = self.layout()
-        text_config = self.config.text_config
+        text_config = self.text_config
         pre_pruner = self._pre_llm_pruner(pre[0], layout) if pre else None
         in_pruner = self._in_llm_pruner(in_llm[0], pre_pruner) if in_llm else None
 
@@ -133,11 +145,7 @@ class LlavaAdapter:
             in_pruner.on_prefill = on_in_llm
 
         hooks = handle.hooks
-        hooks.append(
-            self.base.register_forward_pre_hook(
-                self._start_prefill(pre_pruner, in_pruner, published.clear), with_kwargs=True
-            )
-        )
+        hooks.extend(self.prefill_triggers(pre_pruner, in_pruner, published.clear))
         if pre_pruner is not None:
             hooks.extend(self.prefill_patches(pre_pruner))
             if pre_pruner.method.vision_probes():
@@ -165,7 +173,8 @@ class LlavaAdapter:
             raise ValueError(
                 f"method {method.name!r} scores by [CLS] attention, but the vision tower "
                 f"{type(self.vision_tower).__name__} has no [CLS] token; "
-                "use fopru or a score-free method (random, uniform)"
+                "use fopru or a score-free method (random, uniform), or opt into the substitute score "
+                "(attention received, not the paper's [CLS] row) with fastervlm's score='received'"
             )
         for _, layer in method.vision_probes().values():
             self.vision_attention(layer)  # a layer outside the tower fails now
@@ -186,6 +195,11 @@ class LlavaAdapter:
         backbone = llm_backbone(self.language_model)  # unsupported LLMs fail here, at patch time
         input_map = pre_pruner.map_prefill_columns if pre_pruner is not None else None
         return InLLMPruner(method, backbone, on_prefill=None, input_map=input_map)
+
+    def prefill_triggers(self, pre_pruner, in_pruner, new_record) -> list:
+        """What starts a prefill (finds the image tokens, calls the pruners' ``begin_prefill``)."""
+        hook = self._start_prefill(pre_pruner, in_pruner, new_record)
+        return [self.base.register_forward_pre_hook(hook, with_kwargs=True)]
 
     def _start_prefill(self, pre_pruner, in_pruner, new_record):
         """LlavaModel pre-hook: a forward that carries images (pixels or encoded) is a prefill."""

@@ -29,7 +29,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from vtprune.methods.base import BudgetConfig
 from vtprune.methods.highres import CropLayout
@@ -122,6 +121,12 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def packing_map(self, image_sizes) -> list[AnyResImage]:
         """How the model packs each image, from the model's own ``pack_image_features``."""
+        # imported here, not at module level: LLaVA-NeXT is not in every transformers version
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+        )
+
         config = self.config
         side = config.vision_config.image_size // config.vision_config.patch_size
         num_tokens = side * side

@@ -13,7 +13,6 @@ Supported families (``config.model_type`` of the language model): see ``SUPPORTE
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from vtprune.engine.probe import AttentionParts
 
@@ -91,6 +90,10 @@ class LlamaStyleBackbone:
         """The attention mask layer ``layer_index`` gets for ``hidden`` (B, q, D) and the 2-D
         padding mask ``mask2d`` (B, keys): built by transformers' own mask builders for this
         model's attention implementation, sized by that layer's cache."""
+        # imported here: transformers.masking_utils is transformers 5 only, and vtprune must import
+        # under older transformers too (the original LLaVA package's pinned era)
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
         build = create_sliding_window_causal_mask if self.is_sliding(layer_index) else create_causal_mask
         return build(
             config=self.config,
