@@ -164,3 +164,84 @@ def llava_next_shaped(scale: str = "realistic", seed: int = 0):
     model = LlavaNextForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     return model
+
+
+# -- Qwen2-VL and LLaVA-OneVision (issue 7) --------------------------------------------------------
+VIDEO_TOKEN_ID = 4
+VISION_START_ID = 5
+VISION_END_ID = 6
+
+
+def tiny_qwen2_vl(seed: int = 0, attn_implementation="sdpa", layers=4, vision_depth=2, hidden=64, vocab=128):
+    """A few-layer Qwen2-VL: 4 px patches, 2 x 2 merge, temporal patch 2, M-RoPE sections (2, 3, 3)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    heads = 4
+    head_dim = hidden // heads
+    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # sums to head_dim / 2 (16 / 24 / 24 of 64)
+    config = Qwen2VLConfig(
+        vision_config=dict(
+            depth=vision_depth,
+            embed_dim=32,
+            hidden_size=hidden,
+            num_heads=4,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        ),
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            pad_token_id=PAD_TOKEN_ID,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+    )
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def qwen2_vl_pixels(grid_thw, seed=0, channels=3, patch=4, temporal=2) -> torch.Tensor:
+    """Random flattened patches for a list of (t, h, w) grids, as the Qwen2-VL processor packs them."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(t * h * w for t, h, w in grid_thw)
+    return torch.randn(total, channels * temporal * patch * patch, generator=generator)
+
+
+def qwen2_vl_prompt(text_lengths, grids, kinds=None, merge=2, seed=0, vocab=128):
+    """One Qwen2-VL prompt: text runs around visual blocks <start> tokens <end>.
+
+    grids: (t, h, w) patch grids in order of appearance; kinds: "image" / "video" per grid.
+    Returns (input_ids (L,), mm_token_type_ids (L,)): 0 text, 1 image, 2 video.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    kinds = kinds or ["image"] * len(grids)
+    ids, types = [], []
+    for index, length in enumerate(text_lengths):
+        run = torch.randint(7, vocab, (length,), generator=generator)
+        ids.append(run)
+        types.append(torch.zeros(length, dtype=torch.long))
+        if index < len(grids):
+            t, h, w = grids[index]
+            count = t * h * w // merge**2
+            token = IMAGE_TOKEN_ID if kinds[index] == "image" else VIDEO_TOKEN_ID
+            kind = 1 if kinds[index] == "image" else 2
+            ids += [torch.tensor([VISION_START_ID]), torch.full((count,), token), torch.tensor([VISION_END_ID])]
+            types += [torch.zeros(1, dtype=torch.long), torch.full((count,), kind), torch.zeros(1, dtype=torch.long)]
+    return torch.cat(ids), torch.cat(types)

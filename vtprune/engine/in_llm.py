@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vtprune.engine.positions import check_positions, cut_positions, expand_positions, zero_shift
 from vtprune.engine.probe import last_token_attention
 from vtprune.engine.sequence import SequenceCut, plan_cut
 from vtprune.methods.base import InLLMMethod
@@ -56,10 +57,11 @@ class Columns:
     """The sequence one stage processes at prefill (stage 0: as the LLM receives it)."""
 
     mask2d: torch.Tensor  # (B, T) 1 = real token, 0 = padding
-    positions: torch.Tensor  # (B, T) position ids
+    positions: torch.Tensor  # (B, T) position ids, or (R, B, T) M-RoPE rows (vtprune.engine.positions)
     visual_index: torch.Tensor  # (B, T) original visual-token index, -1 elsewhere
     removed: torch.Tensor  # (B,) visual tokens removed by the cuts so far
     cut: SequenceCut | None = None  # how this stage's columns come from the previous stage's
+    shift: torch.Tensor | None = None  # (B, 1) or (R, B, 1): decode positions move down by this
 
 
 @dataclass
@@ -188,12 +190,16 @@ class InLLMPruner:
             if kind not in forward.masks:
                 substitute = forward.substitute
                 forward.masks[kind] = self.backbone.build_mask(
-                    layer_index, hidden, substitute["mask2d"], kwargs.get("cache"), substitute["position_ids"]
+                    layer_index,
+                    hidden,
+                    substitute["mask2d"],
+                    kwargs.get("cache"),
+                    self._layer_positions(substitute["position_ids"]),
                 )
             new_kwargs = dict(
                 kwargs,
                 attention_mask=forward.masks[kind],
-                position_ids=forward.substitute["position_ids"],
+                position_ids=self._layer_positions(forward.substitute["position_ids"]),
                 position_embeddings=forward.substitute["position_embeddings"],
             )
             if args:
@@ -202,6 +208,12 @@ class InLLMPruner:
             return args, new_kwargs
 
         return hook
+
+    def _layer_positions(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The position ids the decoder layers (and mask builders) receive: the stack's own rule for
+        multi-row (M-RoPE) positions comes from the backbone; 1-D positions as they are."""
+        layer_positions = getattr(self.backbone, "layer_position_ids", None)
+        return positions if layer_positions is None else layer_positions(positions)
 
     # -- prefill --------------------------------------------------------------------------
     def _start_prefill(self, visual_index: torch.Tensor, kwargs: dict) -> None:
@@ -226,10 +238,7 @@ class InLLMPruner:
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=embeds.device)[None]
-        if positions.dim() != 2:
-            raise NotImplementedError(
-                f"vtprune expects (B, L) position ids in the LLM, got shape {tuple(positions.shape)}"
-            )
+        check_positions(positions)
         visual_index = visual_index.to(embeds.device)
         if self.input_map is not None:
             visual_index = self.input_map(visual_index)
@@ -237,11 +246,13 @@ class InLLMPruner:
             raise RuntimeError(
                 f"the image-token map ({tuple(visual_index.shape)}) does not match the LLM input ({batch}, {length})"
             )
+        positions = expand_positions(positions, batch, length)
         stage0 = Columns(
             mask2d=mask,
-            positions=positions.expand(batch, length),
+            positions=positions,
             visual_index=visual_index,
             removed=torch.zeros(batch, dtype=torch.long, device=embeds.device),
+            shift=zero_shift(positions),
         )
         self._forward = _Forward(prefill=True, stages=[stage0])
 
@@ -266,15 +277,15 @@ class InLLMPruner:
         keep_counts = torch.minimum(self.method.keep_counts(cut_index, visual_in).to(visual.device), visual.sum(dim=1))
         selected = self.method.select(scores, visual, keep_counts)
         cut = plan_cut(~visual | selected)  # text and padding columns always stay
-        positions = cut.gather(columns.positions)
-        if self.positions == "compact":
-            positions = positions - cut.removed_before * cut.valid
+        mask2d = cut.gather(columns.mask2d)
+        positions, shift = cut_positions(cut, columns.positions, self.positions, mask2d.bool())
         new = Columns(
-            mask2d=cut.gather(columns.mask2d),
+            mask2d=mask2d,
             positions=positions,
             visual_index=cut.gather(columns.visual_index, fill=-1),
             removed=columns.removed + cut.removed,
             cut=cut,
+            shift=columns.shift + shift,
         )
         forward.stages.append(new)
         forward.cuts.append(CutResult(layer_index, new.visual_index, cut.removed))
@@ -311,14 +322,17 @@ class InLLMPruner:
         if positions is None:
             offset = prompt.input_length + cached_after_prompt
             positions = torch.arange(query_length, device=embeds.device)[None] + offset
-        self._forward = _Forward(prefill=False, base_positions=positions.expand(batch, query_length), extra_mask=extra)
+        check_positions(positions)
+        self._forward = _Forward(
+            prefill=False, base_positions=expand_positions(positions, batch, query_length), extra_mask=extra
+        )
 
     def _enter_decode_stage(self, stage_index, hidden, forward: _Forward, kwargs) -> None:
         stage = self.prompt.stages[stage_index]
         positions = forward.base_positions
         if self.positions == "compact":
             embeddings = None
-            positions = positions - stage.removed[:, None]
+            positions = positions - stage.shift
         else:
             embeddings = kwargs.get("position_embeddings")
         forward.substitute = {

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vtprune.engine.positions import check_positions, cut_positions, expand_positions
 from vtprune.engine.sequence import SequenceCut, plan_cut
 from vtprune.methods.base import Method, VisualLayout
 
@@ -41,6 +42,7 @@ class PrunedPrompt:
     original_length: int  # L
     pruned_mask: torch.Tensor  # (B, L')
     cache: object = None
+    shift: torch.Tensor | None = None  # (B, 1) or (R, B, 1): what decode positions move down by
 
 
 @dataclass
@@ -157,14 +159,13 @@ class PreLLMPruner:
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=embeds.device).expand(batch, length)
-        positions = positions.expand(batch, -1)
-        new_positions = cut.gather(positions)
-        if self.positions == "compact":
-            new_positions = new_positions - cut.removed_before * cut.valid
+        check_positions(positions)
+        positions = expand_positions(positions, batch, length)
         pruned_mask = cut.gather(mask2d)
+        new_positions, shift = cut_positions(cut, positions, self.positions, pruned_mask.bool())
 
         kwargs = dict(kwargs, inputs_embeds=cut.gather(embeds), attention_mask=pruned_mask, position_ids=new_positions)
-        self.prompt = PrunedPrompt(cut=cut, original_length=length, pruned_mask=pruned_mask, cache=cache)
+        self.prompt = PrunedPrompt(cut=cut, original_length=length, pruned_mask=pruned_mask, cache=cache, shift=shift)
         real_before = mask2d.sum(dim=1)
         kept_index = torch.where(keep & image_mask, visual, -1)
         self.on_prefill(PrefillResult(kept_index, visual_in, real_before, real_before - cut.removed))
@@ -196,6 +197,6 @@ class PreLLMPruner:
             offset = prompt.original_length + cached_after_prompt
             positions = (torch.arange(query_length, device=embeds.device) + offset).expand(batch, query_length)
         if self.positions == "compact":
-            positions = positions - prompt.cut.removed[:, None]
+            positions = positions - prompt.shift
         new_mask = torch.cat([prompt.pruned_mask, extra.to(prompt.pruned_mask.dtype)], dim=1)
         return dict(kwargs, attention_mask=new_mask, position_ids=positions)

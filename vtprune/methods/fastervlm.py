@@ -17,6 +17,12 @@ kernels (the official code runs the whole tower in eager mode with ``output_atte
 Scores and softmax are computed in fp32 (the official code uses the model dtype, so fp16
 ties may flip at the boundary). With ``vision_feature_select_strategy="full"`` the [CLS]
 token is itself a visual token; its score is its self-attention.
+
+Towers without a [CLS] token (SigLIP in LLaVA-OneVision, Qwen2-VL's ViT): the paper's score does
+not exist there, and patching raises. ``score="received"`` opts into a documented substitute,
+not the paper's method: the attention each token *receives* at the same layer, mean over heads
+and over all queries (FoPru's significance), which ranks tokens the way the [CLS] row does on
+CLIP towers only approximately.
 """
 
 from __future__ import annotations
@@ -26,10 +32,17 @@ from dataclasses import dataclass
 from vtprune.methods.base import BudgetConfig, Method, top_k_sorted
 from vtprune.registry import register_method
 
+SCORES = ("cls", "received")
+
 
 @dataclass
 class FasterVLMConfig(BudgetConfig):
-    pass
+    score: str = "cls"  # "received": the opt-in substitute for towers without a [CLS] token
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.score not in SCORES:
+            raise ValueError(f"fastervlm: score must be one of {SCORES}, got {self.score!r}")
 
 
 @register_method
@@ -38,6 +51,11 @@ class FasterVLM(Method):
     config_class = FasterVLMConfig
     score = "cls_attention"
     paper = "[CLS] Attention is All You Need for Training-Free Visual Token Pruning (arXiv 2412.01818)"
+
+    def vision_probes(self):
+        if self.config.score == "received":
+            return {"received": ("received", "feature")}
+        return super().vision_probes()
 
     def select(self, scores, num_images, layout, device):
         return top_k_sorted(scores, self.config.num_keep(layout.num_tokens))

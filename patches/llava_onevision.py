@@ -1,0 +1,1 @@
+"""Placeholder until the OneVision adapter lands (issue 7)."""
