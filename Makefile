@@ -5,8 +5,15 @@ STAMP := $(VENV)/.vtprune-installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The original LLaVA code base (PyPI llava-torch, which pins torch 2.0 / transformers 4.36): always
+# installed with --no-deps. It is tested in both the main stack and its own era (.venv-llava).
+LLAVA_TORCH := llava-torch==1.2.2.post1
+LLAVA_STAMP := $(VENV)/.llava-torch-installed
+LLAVA_VENV ?= .venv-llava
+LLAVA_PY := $(LLAVA_VENV)/bin/python
+LLAVA_VENV_STAMP := $(LLAVA_VENV)/.vtprune-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install install-llava demo test test-llava lint bench clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,7 +23,24 @@ $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-install: $(STAMP)
+$(LLAVA_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(LLAVA_TORCH)
+	touch $@
+
+install: $(STAMP) $(LLAVA_STAMP)
+
+# Second environment: transformers 4.37 (llava-torch's era) + the package --no-deps + vtprune --no-deps.
+$(LLAVA_VENV_STAMP): requirements-llava.txt setup.cfg pyproject.toml
+	test -x $(LLAVA_PY) || python3 -m venv $(LLAVA_VENV)
+	$(LLAVA_PY) -m pip install --quiet -r requirements-llava.txt
+	$(LLAVA_PY) -m pip install --quiet --no-deps $(LLAVA_TORCH)
+	$(LLAVA_PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+install-llava: $(LLAVA_VENV_STAMP)
+
+test-llava: install-llava
+	$(LLAVA_PY) -m pytest -q -p no:cacheprovider tests/test_llava_original.py
 
 demo: install
 	$(PY) -m vtprune.evals.demo --out demo_out
@@ -27,9 +51,10 @@ lint: install
 
 test: lint
 	$(PY) -m pytest -q
+	$(MAKE) test-llava
 
 bench: install
 	$(PY) -m vtprune.evals.bench --json bench_out/bench.json
 
 clean:
-	rm -rf $(VENV) demo_out bench_out build *.egg-info
+	rm -rf $(VENV) $(LLAVA_VENV) demo_out bench_out build *.egg-info
