@@ -245,3 +245,31 @@ def qwen2_vl_prompt(text_lengths, grids, kinds=None, merge=2, seed=0, vocab=128)
             ids += [torch.tensor([VISION_START_ID]), torch.full((count,), token), torch.tensor([VISION_END_ID])]
             types += [torch.zeros(1, dtype=torch.long), torch.full((count,), kind), torch.zeros(1, dtype=torch.long)]
     return torch.cat(ids), torch.cat(types)
+
+
+def tiny_llava_onevision(seed: int = 0, attn_implementation="sdpa", layers=2, pinpoints=None):
+    """A few-layer LLaVA-OneVision: 32 px SigLIP tower (4 x 4 patches, no [CLS]), AnyRes-max-9 crops.
+
+    The default pinpoints go up to 4 x 4 crops (128 px), so large images exercise the model's
+    resize of the crop canvas (more than 9 base images' worth of tokens).
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text_config("qwen2", layers=layers),
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        image_grid_pinpoints=pinpoints or [[32, 64], [64, 32], [64, 64], [96, 96], [128, 128]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
