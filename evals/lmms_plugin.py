@@ -212,6 +212,7 @@ class VTPruneLMM(lmms):
         super().__init__()
         self.handle = None
         self.probe = None
+        self._runtime: list = []  # what the unpatched model needs to run (the adapter's runtime_patches)
         self.records: list[dict] = []
         self.examples: list[dict] = []
         try:
@@ -233,9 +234,7 @@ class VTPruneLMM(lmms):
         self.task_dict = self._base.task_dict  # lmms-eval fills ours; the base reads its own
         self._rank, self._world_size = self._base.rank, self._base.world_size
         self.hf_model = self._base.model
-        config = self.hf_model.config
-        image_token_id = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
-        self.probe = GenerationProbe(self.hf_model, image_token_id)
+        self.probe = _generation_probe(self.hf_model)
         self.keep_examples = self.args.examples
         try:
             self.configure(self.args.method, self.args.options)
@@ -250,19 +249,28 @@ class VTPruneLMM(lmms):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+        self._remove_runtime_patches()
         self.records, self.examples = [], []
         self.method, self.options = method, dict(options or {})
         if method is not None:
             import vtprune
 
             self.handle = vtprune.patch(self.hf_model, method, **self.options)
+        else:
+            self._runtime = _runtime_patches(self.hf_model)
         self.label = ModelArgs(self.args.base, {}, method, self.options).label
+
+    def _remove_runtime_patches(self) -> None:
+        for patch in reversed(self._runtime):
+            patch.remove()
+        self._runtime = []
 
     def close(self) -> None:
         """Remove the patch and the measurement hooks; the base model is as loaded."""
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+        self._remove_runtime_patches()
         if self.probe is not None:
             self.probe.close()
             self.probe = None
@@ -382,19 +390,98 @@ class VTPruneSimpleLMM(VTPruneLMM):
 
 # -- helpers ----------------------------------------------------------------------------------
 def _with_device_map(base_cls, kwargs: dict) -> dict:
-    """transformers 5 rejects ``device_map=""``, lmms-eval's llava_hf default: use the device.
+    """A ``device_map`` the base can load with in a single process.
 
-    Only for a single process: under ``accelerate launch`` llava_hf picks ``cuda:<rank>`` from "".
+    - ``device_map=""`` (lmms-eval's llava_hf default), which transformers 5 rejects: the device.
+    - ``device_map="cuda:0"`` (lmms-eval's ``llava``, the original LLaVA package), which puts the
+      model on ``cuda:<rank>`` whatever ``device`` says unless ``device_map="auto"``: on a device
+      that is not CUDA (``device=cpu``, or no ``device`` and no CUDA here) pass ``device_map=auto``
+      and that device; with no CUDA visible "auto" loads on the CPU.
+
+    Only for a single process: under ``accelerate launch`` the bases pick ``cuda:<rank>`` themselves.
     """
     import os
 
-    parameter = inspect.signature(base_cls.__init__).parameters.get("device_map")
-    if parameter is None or parameter.default != "" or "device_map" in kwargs:
+    parameters = inspect.signature(base_cls.__init__).parameters
+    parameter = parameters.get("device_map")
+    if parameter is None or "device_map" in kwargs or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return kwargs
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return kwargs
-    device = kwargs.get("device", inspect.signature(base_cls.__init__).parameters["device"].default)
-    return {**kwargs, "device_map": str(device)}
+    default_device = parameters["device"].default if "device" in parameters else None
+    if parameter.default == "":
+        return {**kwargs, "device_map": str(kwargs.get("device", default_device))}
+    if isinstance(parameter.default, str) and parameter.default.startswith("cuda"):
+        device = kwargs.get("device")
+        if device is None:
+            device = default_device if torch.cuda.is_available() else "cpu"
+        device = str(device)
+        if device.startswith("cuda"):
+            return kwargs
+        if torch.cuda.is_available():
+            raise ValueError(
+                f"{base_cls.__name__} on device={device} loads with device_map=auto, which would place the model "
+                "on the visible GPUs; hide them (CUDA_VISIBLE_DEVICES=) or use a CUDA device"
+            )
+        return {**kwargs, "device": device, "device_map": "auto"}
+    return kwargs
+
+
+def _adapter(model):
+    from vtprune.patches import get_adapter
+
+    try:
+        return get_adapter(model)
+    except TypeError:  # a model vtprune has no adapter for: method=none still runs
+        return None
+
+
+def _runtime_patches(model) -> list:
+    """Instance patches the unpatched model needs to run here (the original LLaVA package on transformers 5)."""
+    runtime = getattr(_adapter(model), "runtime_patches", None)
+    return list(runtime(model)) if runtime is not None else []
+
+
+def _generation_probe(model) -> GenerationProbe:
+    """A probe that counts the prompt's visual tokens the way this model's prompts hold them.
+
+    Most models repeat an image token id once per visual token (``config.image_token_id``). An
+    adapter with ``image_placeholder_id`` (the original LLaVA package: -200) has one placeholder
+    per image in ``input_ids``, which the model expands into the image's features; its
+    ``generate`` runs from ``inputs_embeds`` and returns only the new tokens.
+    """
+    config = model.config
+    placeholder = getattr(_adapter(model), "image_placeholder_id", None)
+    if placeholder is None:
+        return GenerationProbe(model, getattr(config, "image_token_id", getattr(config, "image_token_index", None)))
+    return PlaceholderProbe(model, placeholder)
+
+
+class PlaceholderProbe(GenerationProbe):
+    """:class:`GenerationProbe` for prompts with one placeholder id per image (see :func:`_generation_probe`).
+
+    Visual tokens per image come from the adapter's fixed layout (None where images have no fixed
+    size, e.g. AnyRes); prompt tokens count each placeholder as that many tokens.
+    """
+
+    def __init__(self, model, placeholder_id: int):
+        from vtprune.evals.stats import visual_layout
+
+        super().__init__(model, placeholder_id)
+        layout = visual_layout(model)
+        self.tokens_per_image = layout.num_tokens if layout is not None else None
+
+    def _generate(self, *args, **kwargs):
+        output = super()._generate(*args, **kwargs)
+        call = self.calls[-1]
+        sequences = getattr(output, "sequences", output)
+        if isinstance(sequences, torch.Tensor):
+            call.new_tokens = int(sequences.shape[-1])  # generate() from inputs_embeds: no prompt in the output
+        if call.visual_tokens is not None:
+            images = call.visual_tokens
+            per_image = self.tokens_per_image
+            call.visual_tokens = [n * per_image for n in images] if per_image is not None else None
+            if call.prompt_tokens is not None and per_image is not None:
+                call.prompt_tokens = [p + n * (per_image - 1) for p, n in zip(call.prompt_tokens, images)]
+        return output
 
 
 def _describe(request) -> str:

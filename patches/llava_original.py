@@ -239,6 +239,18 @@ class LlavaOriginalAdapter(LlavaAdapter):
     family = "llava_original"
     model_types = ("llava_llama",)
     model_classes = ("LlavaLlamaForCausalLM",)
+    # input_ids hold one IMAGE_TOKEN_INDEX per image, which the model expands into the image's features
+    # (the lmms-eval wrapper counts visual tokens with it; the config has no image token id)
+    image_placeholder_id = IMAGE_TOKEN_INDEX
+
+    @staticmethod
+    def runtime_patches(model) -> list[InstanceMethodPatch]:
+        """What the *unpatched* model needs to run here: :func:`transformers5_compat` (empty on 4.3x).
+
+        For callers that run it without vtprune (the lmms-eval wrapper's ``method=none``); remove
+        them before ``vtprune.patch``, which installs its own.
+        """
+        return transformers5_compat(model)
 
     def __init__(self, model):
         self.model = model
