@@ -466,7 +466,9 @@ class PlaceholderProbe(GenerationProbe):
         from vtprune.evals.stats import visual_layout
 
         super().__init__(model, placeholder_id)
-        layout = visual_layout(model)
+        adapter = _adapter(model)
+        packs_crops = adapter is not None and getattr(adapter(model), "packs_crops", False)  # AnyRes: sizes vary
+        layout = None if packs_crops else visual_layout(model)
         self.tokens_per_image = layout.num_tokens if layout is not None else None
 
     def _generate(self, *args, **kwargs):

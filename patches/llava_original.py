@@ -40,9 +40,22 @@ Two transformers eras:
   whole cos/sin table (the package's tables are indexed by position, but sliced to the
   layer's now shorter cache length).
 
-Not supported: AnyRes images (``mm_patch_merge_type="spatial*"``, LLaVA-NeXT checkpoints of
-this package) raise at patch time; the MPT and Mistral variants of the package are other
-model classes.
+AnyRes (``mm_patch_merge_type="spatial_unpad"`` or ``"spatial"`` with ``image_aspect_ratio="anyres"``,
+the LLaVA-NeXT checkpoints of this package): ``images`` is a list (or a 5-D tensor) of crop stacks,
+base image first, and the package packs each image like transformers' LLaVA-NeXT -- the base
+image's N tokens, then the crop canvas row by row, unpadded, each row closed by
+``image_newline`` (``"spatial"``: no unpadding, no newlines; a lone base image gets one newline).
+:meth:`LlavaOriginalAdapter.packing_map` gives, per image, which sub-image token (or newline)
+each packed column is, by running the package's own steps (its ``get_anyres_image_grid_shape``
+and ``unpad_image``) on index features; the selection is then that of
+:class:`~vtprune.patches.llava_next.LlavaNextAdapter`: ``method.select_crops`` per image (per
+sub-image or global budgets, HiRED's and GlobalCom²'s allocations) and its newline rule
+(:func:`~vtprune.patches.llava_next.keep_packed`). Visual tokens are the image columns, newlines
+included.
+
+Not supported: ``mm_patch_merge_type="flat"`` with several crops per image (the package then
+flattens all crops into one unstructured block) raises when such images arrive; the MPT and
+Mistral variants of the package are other model classes.
 """
 
 from __future__ import annotations
@@ -54,8 +67,11 @@ import torch
 from vtprune.engine.in_llm import InLLMPruner
 from vtprune.engine.pre_llm import visual_index
 from vtprune.engine.probe import AttentionParts
+from vtprune.methods.base import BudgetConfig
+from vtprune.methods.highres import CropLayout
 from vtprune.patches import InstanceMethodPatch, register_adapter
 from vtprune.patches.llava import LlavaAdapter
+from vtprune.patches.llava_next import AnyResImage, keep_packed
 from vtprune.patches.llm_backbones import LlamaStyleBackbone
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
@@ -293,14 +309,23 @@ class LlavaOriginalAdapter(LlavaAdapter):
         return self.config.mm_vision_select_layer
 
     # -- wiring ---------------------------------------------------------------------------
+    @property
+    def merge_type(self) -> str:
+        return getattr(self.config, "mm_patch_merge_type", "flat")
+
+    @property
+    def packs_crops(self) -> bool:
+        """Whether lists / 5-D stacks of crops are packed spatially (AnyRes), not flattened."""
+        return self.merge_type.startswith("spatial")
+
     def install(self, handle, methods) -> None:
-        merge = getattr(self.config, "mm_patch_merge_type", "flat")
-        if merge != "flat":
+        merge = self.merge_type
+        if merge not in ("flat", "spatial", "spatial_unpad"):
             raise NotImplementedError(
-                f"vtprune supports the original LLaVA package's LLaVA-1.5 path (mm_patch_merge_type='flat'); this "
-                f"model packs AnyRes crops (mm_patch_merge_type={merge!r}), which is not supported yet. For "
-                "LLaVA-NeXT use the transformers LlavaNextForConditionalGeneration (family 'llava_next')"
+                f"unexpected mm_patch_merge_type {merge!r}; vtprune supports 'flat', 'spatial' and 'spatial_unpad'"
             )
+        if self.packs_crops and self.select_strategy != "default":
+            raise ValueError("AnyRes packing (mm_patch_merge_type='spatial*') needs mm_vision_select_feature='patch'")
         handle.hooks.extend(transformers5_compat(self.model))
         self._pre = self._in = None
         super().install(handle, methods)
@@ -321,18 +346,89 @@ class LlavaOriginalAdapter(LlavaAdapter):
         return self._in
 
     def token_selector(self, method, layout):
-        """One fixed layout per image, as for LLaVA-1.5; images the package encodes but does not
-        splice (the one it consumes for each text-only sample of a batch) are left out."""
-        select = super().token_selector(method, layout)
+        """One fixed layout per image, as for LLaVA-1.5, or per-image AnyRes selection when the
+        prefill packs crops; images the package encodes but does not splice (the one it consumes
+        for each text-only sample of a batch) are left out."""
+        if self.packs_crops and isinstance(method.config, BudgetConfig):
+            method.config.num_keep(layout.num_tokens)  # a budget larger than a sub-image fails now
+        # a crop-only method (hired, globalcom2) has no single-resolution selection
+        flat = None if self.packs_crops and method.multi_crop_only else super().token_selector(method, layout)
 
         def selector(pending, device):
-            keep = select(pending, device)
             rows = pending.context.get("spliced")
+            images = pending.context.get("anyres")
+            if images is not None:
+                return self._select_anyres(method, layout, pending, images, rows, device)
+            if flat is None:
+                raise ValueError(
+                    f"method {method.name!r} splits its budget across AnyRes crops; this forward's images are "
+                    "single-resolution (a 4-D tensor): pass a list of crop stacks with image_sizes"
+                )
+            keep = flat(pending, device)
             if keep is None or rows is None:
                 return keep
             return keep.view(pending.num_images, -1)[rows.to(device)].flatten()
 
         return selector
+
+    @staticmethod
+    def _select_anyres(method, layout, pending, images, spliced, device):
+        """``select_crops`` per image, then the newline rule (as the transformers LLaVA-NeXT adapter)."""
+        if method.keeps_everything(layout):
+            return None
+        scores = pending.scores or {}
+        keeps, first = [], 0
+        for index, image in enumerate(images):  # a few images per batch, not a loop over tokens
+            count = image.valid.shape[0]
+            if spliced is None or bool(spliced[index]):
+                crops = CropLayout(layout.grid, image.crop_grid, image.valid.to(device), image.valid)
+                keep = method.select_crops({k: v[first : first + count] for k, v in scores.items()}, crops)
+                keeps.append(keep_packed(image.token_map.to(device), keep))
+            first += count
+        return torch.cat(keeps) if keeps else torch.zeros(0, dtype=torch.bool, device=device)
+
+    def packing_map(self, image_sizes, counts: list[int]) -> list[AnyResImage]:
+        """How ``prepare_inputs_labels_for_multimodal`` packs each image of ``counts`` sub-images.
+
+        The package's own steps (its ``get_anyres_image_grid_shape`` and ``unpad_image``, the same
+        views and permutes) applied to index features: feature ``s * N + p + 1`` for patch p of
+        sub-image s, ``0`` for the newline. CPU tensors; ``image_sizes`` as the package takes them
+        ((width, height) per image).
+        """
+        from llava.mm_utils import get_anyres_image_grid_shape
+        from llava.model.llava_arch import unpad_image
+
+        side = self.tower_wrapper.num_patches_per_side
+        num_tokens = side * side
+        unpad = "unpad" in self.merge_type
+        images = []
+        for image_index, count in enumerate(counts):
+            index = (torch.arange(count * num_tokens, dtype=torch.float64) + 1).view(count, num_tokens, 1)
+            base = index[0]
+            if count > 1:
+                size = image_sizes[image_index]
+                size = size.tolist() if isinstance(size, torch.Tensor) else size
+                num_patch_width, num_patch_height = get_anyres_image_grid_shape(
+                    size, self.config.image_grid_pinpoints, self.tower_wrapper.config.image_size
+                )
+                crops = index[1:].view(num_patch_height, num_patch_width, side, side, -1)
+                if unpad:
+                    crops = crops.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
+                    crops = unpad_image(crops, size)
+                    crops = torch.cat((crops, crops.new_zeros(*crops.shape[:-1], 1)), dim=-1)
+                    crops = crops.flatten(1, 2).transpose(0, 1)
+                else:
+                    crops = crops.permute(0, 2, 1, 3, 4).contiguous().flatten(0, 3)
+                packed = torch.cat((base, crops), dim=0)
+                crop_grid = (num_patch_height, num_patch_width)
+            else:
+                packed = torch.cat((base, base.new_zeros(1, 1)), dim=0) if unpad else base
+                crop_grid = (0, 0)
+            token_map = packed.flatten().long() - 1
+            valid = torch.zeros(count * num_tokens, dtype=torch.bool)
+            valid[token_map[token_map >= 0]] = True
+            images.append(AnyResImage(token_map, valid.view(count, num_tokens), crop_grid))
+        return images
 
     def prefill_triggers(self, pre_pruner, in_pruner, new_record) -> list:
         wrapper = self._merge_wrapper(pre_pruner, in_pruner, new_record)
@@ -392,18 +488,22 @@ class LlavaOriginalAdapter(LlavaAdapter):
         image_sizes,
     ):
         state = self._state
+        context = {}
         if isinstance(images, list) or images.dim() == 5:
             crops = [image.shape[0] if image.dim() == 4 else 1 for image in images]
-            if any(count != 1 for count in crops):
+            if self.packs_crops:
+                context["anyres"] = self.packing_map(image_sizes, crops)
+            elif any(count != 1 for count in crops):
                 raise NotImplementedError(
-                    "vtprune: images with several crops (AnyRes) are not supported on the original LLaVA package"
+                    "vtprune: with mm_patch_merge_type='flat' the package flattens an image's crops into one "
+                    "block; vtprune prunes crops only when they are packed (mm_patch_merge_type='spatial_unpad')"
                 )
             num_images = len(crops)
         else:
             num_images = images.shape[0]
         new_record()
         if pre_pruner is not None:
-            pre_pruner.begin_prefill(None, num_images)  # the tower's probe hooks fill in the scores
+            pre_pruner.begin_prefill(None, num_images, **context)  # the tower's probe hooks fill in the scores
         batch, length = input_ids.shape
         mask_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         marker = torch.arange(length, device=input_ids.device).expand(batch, length)

@@ -75,13 +75,13 @@ def greedy(model, ids, px, steps=5, **kwargs):
         return model.generate(ids, images=px, max_new_tokens=steps, do_sample=False, **kwargs)
 
 
-def greedy_reference(model, ids, px, steps=5):
+def greedy_reference(model, ids, px, steps=5, **kwargs):
     """Cache-free greedy decoding with the model's plain forward (the package's own merge every step)."""
     tokens = ids
     new = []
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(input_ids=tokens, images=px, use_cache=False).logits
+            logits = model(input_ids=tokens, images=px, use_cache=False, **kwargs).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
             new.append(token)
             tokens = torch.cat([tokens, token], dim=1)
@@ -290,7 +290,7 @@ def test_labels_follow_the_merged_and_pruned_sequence(model):
     torch.testing.assert_close(out.loss, expected)
 
 
-def test_unloaded_tower_and_anyres_are_refused_at_patch_time(tower):
+def test_unloaded_tower_and_unpackable_anyres_are_refused(tower):
     from llava.model import LlavaLlamaForCausalLM
 
     from vtprune.evals.toy_llava_original import llava_original_config
@@ -298,7 +298,159 @@ def test_unloaded_tower_and_anyres_are_refused_at_patch_time(tower):
     unloaded = LlavaLlamaForCausalLM(llava_original_config(tower))  # delay_load: the tower is not loaded
     with pytest.raises(ValueError, match="load_model"):
         vtprune.patch(unloaded, "fastervlm", keep_ratio=0.5)
-    anyres = tiny_llava_original(tower, mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres")
-    with pytest.raises(NotImplementedError, match="AnyRes"):
+    anyres = tiny_llava_original(tower, mm_patch_merge_type="spatial_unpad", select_feature="cls_patch")
+    with pytest.raises(ValueError, match="mm_vision_select_feature='patch'"):
         vtprune.patch(anyres, "fastervlm", keep_ratio=0.5)
     assert instance_attributes(anyres) == set()
+    flat = _model(tower)  # mm_patch_merge_type="flat": the package flattens the crops into one block
+    with (
+        vtprune.patched(flat, "fastervlm", keep_ratio=0.5),
+        torch.no_grad(),
+        pytest.raises(NotImplementedError, match="spatial_unpad"),
+    ):
+        flat(input_ids=original_prompt([2, 2])[None], images=[images(3)], image_sizes=[(64, 32)])
+
+
+# -- AnyRes (mm_patch_merge_type="spatial_unpad", the package's LLaVA-NeXT path) ------------------
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+ANYRES_SIZES = [(50, 30), (30, 64), (64, 40)]  # (width, height): 2 x 1, 1 x 2, 2 x 2 crops (w x h)
+
+
+@functools.cache
+def _anyres_model(tower):
+    return tiny_llava_original(
+        tower,
+        seed=2,
+        layers=LAYERS,
+        mm_patch_merge_type="spatial_unpad",
+        image_aspect_ratio="anyres",
+        image_grid_pinpoints=PINPOINTS,
+    )
+
+
+@pytest.fixture
+def anyres_model(tower):
+    return _anyres_model(tower)
+
+
+def crop_stacks(sizes, seed=0):
+    """One (1 + crops, 3, 32, 32) stack per image, as the package's process_anyres_image returns."""
+    from llava.mm_utils import get_anyres_image_grid_shape
+
+    generator = torch.Generator().manual_seed(seed)
+    stacks = []
+    for size in sizes:
+        width, height = get_anyres_image_grid_shape(size, PINPOINTS, 32)
+        stacks.append(torch.randn(1 + width * height, 3, 32, 32, generator=generator))
+    return stacks
+
+
+def anyres_map(model, sizes):
+    from vtprune.patches.llava_original import LlavaOriginalAdapter
+
+    stacks = crop_stacks(sizes)
+    return LlavaOriginalAdapter(model).packing_map(sizes, [s.shape[0] for s in stacks])
+
+
+def test_anyres_packing_map_matches_the_packages_own_packed_features(anyres_model):
+    model = anyres_model
+    stacks = crop_stacks(ANYRES_SIZES)
+    ids = original_prompt([2] * 4, num_images=3)[None]
+    with torch.no_grad():
+        merged = model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, stacks, ANYRES_SIZES)[4][0]
+        projected = model.encode_images(torch.cat(stacks))  # (S_total, N, D)
+    column, first, unpadded = 2, 0, []  # two text tokens before each image
+    for image in anyres_map(model, ANYRES_SIZES):
+        count = image.valid.shape[0]
+        features = merged[column : column + image.token_map.numel()]
+        visual = image.token_map >= 0
+        expected = projected[first : first + count].reshape(count * N, -1)
+        torch.testing.assert_close(features[visual], expected[image.token_map[visual]])
+        newline = model.get_model().image_newline
+        torch.testing.assert_close(features[~visual], newline.expand(int((~visual).sum()), -1))
+        assert image.crop_grid != (0, 0) and bool(image.valid[0].all())
+        unpadded.append(int((~image.valid).sum()))
+        column += image.token_map.numel() + 2
+        first += count
+    assert column == merged.shape[0]
+    assert unpadded[0] > 0 and unpadded[2] > 0  # the package drops padding columns / rows of these canvases
+
+
+@pytest.mark.parametrize("spec", ["fastervlm:keep_ratio=1.0", "hired:budget_ratio=1.0", "uniform:keep_ratio=1"])
+def test_anyres_keep_all_is_bit_identical_and_remove_restores(anyres_model, spec):
+    model = anyres_model
+    sizes = ANYRES_SIZES[:2]
+    stacks = crop_stacks(sizes, seed=3)
+    ids = original_prompt([3, 4, 2], num_images=2)[None]
+    with torch.no_grad():
+        reference = model(input_ids=ids, images=stacks, image_sizes=sizes).logits
+    tokens = greedy_reference(model, ids, stacks, image_sizes=sizes)  # the unpatched generate() needs transformers 4.3x
+    before = hook_counts(model)
+    with vtprune.patched(model, spec), torch.no_grad():
+        assert torch.equal(model(input_ids=ids, images=stacks, image_sizes=sizes).logits, reference)
+        assert torch.equal(new_tokens(greedy(model, ids, stacks, image_sizes=sizes), ids), tokens)
+    assert hook_counts(model) == before and instance_attributes(model) == set()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, images=stacks, image_sizes=sizes).logits, reference)
+
+
+def kept_per_image(model, record, sizes):
+    """Per image: (token_map, kept packed columns as a bool mask, (S, N) keep of the sub-image tokens)."""
+    kept = record.stages[0].kept[0]
+    out, first = [], 0
+    for image in anyres_map(model, sizes):
+        length = image.token_map.numel()
+        columns = torch.zeros(length, dtype=torch.bool)
+        columns[kept[(kept >= first) & (kept < first + length)] - first] = True
+        keep = torch.zeros(image.valid.numel(), dtype=torch.bool)
+        keep[image.token_map[columns & (image.token_map >= 0)]] = True
+        out.append((image, columns, keep.view_as(image.valid)))
+        first += length
+    return out
+
+
+@pytest.mark.parametrize(
+    ("spec", "per_image_total"),
+    [
+        ("fastervlm:keep_tokens=3", lambda image: int(image.valid.sum(dim=1).clamp(max=3).sum())),
+        ("hired:budget_ratio=0.3", lambda image: int(0.3 * int(image.valid.sum()) + 0.5)),
+        ("random:keep_ratio=0.25,budget=global", None),
+    ],
+)
+def test_anyres_budgets_and_the_newline_rule(anyres_model, spec, per_image_total):
+    from vtprune.patches.llava_next import keep_packed
+
+    model = anyres_model
+    stacks = crop_stacks(ANYRES_SIZES, seed=5)
+    ids = original_prompt([2, 3, 3, 2], num_images=3)[None]
+    with vtprune.patched(model, spec) as handle, torch.no_grad():
+        logits = model(input_ids=ids, images=stacks, image_sizes=ANYRES_SIZES).logits
+    images = kept_per_image(model, handle.last, ANYRES_SIZES)
+    assert handle.last.visual_tokens_in == [sum(image.token_map.numel() for image, _, _ in images)]
+    assert logits.shape[1] == ids.shape[1] - 3 + handle.last.visual_tokens_kept[0]
+    for image, columns, keep in images:
+        assert not bool((keep & ~image.valid).any())  # only tokens that exist after unpadding
+        assert torch.equal(columns, keep_packed(image.token_map, keep))  # newline iff its row keeps a token
+        if spec.startswith("fastervlm"):  # per sub-image budget
+            assert keep.sum(dim=1).tolist() == image.valid.sum(dim=1).clamp(max=3).tolist()
+        if per_image_total is not None:
+            assert int(keep.sum()) == per_image_total(image)
+
+
+def test_anyres_batch_with_different_image_sizes_keeps_what_each_sample_alone_keeps(anyres_model):
+    model = anyres_model
+    stacks = crop_stacks(ANYRES_SIZES[:2], seed=6)
+    prompts = [original_prompt([3, 2], seed=1), original_prompt([5, 4], seed=2)]
+    ids, mask = pad(prompts, "right")
+    for spec in ("hired:budget_ratio=0.3", "fastervlm:keep_tokens=4"):
+        alone = []
+        with vtprune.patched(model, spec) as handle, torch.no_grad():
+            for row in range(2):
+                model(
+                    input_ids=prompts[row][None], images=stacks[row : row + 1], image_sizes=ANYRES_SIZES[row : row + 1]
+                )
+                alone.append(handle.last.stages[0].kept[0])
+            model(input_ids=ids, attention_mask=mask, images=stacks, image_sizes=ANYRES_SIZES[:2])
+            batch = handle.last.stages[0].kept
+        for row in range(2):
+            assert torch.equal(batch[row], alone[row]), spec
