@@ -39,6 +39,8 @@ import torch
 from vtprune.methods.base import CutPoint, InLLMMethod, MethodConfig
 from vtprune.registry import register_method
 
+DEFAULT_RATIO = 0.5  # the paper's R = 50%
+
 
 @dataclass
 class FastVConfig(MethodConfig):
@@ -59,14 +61,17 @@ class FastVConfig(MethodConfig):
             raise ValueError(f"fastv: k must be a decoder layer index >= 1 (layers k.. are pruned), got {self.k}")
         if self.ratio is not None and self.keep_tokens is not None:
             raise ValueError("fastv: give ratio or keep_tokens, not both")
-        if self.keep_tokens is None and self.ratio is None:
-            self.ratio = 0.5
         if self.ratio is not None and not (0.0 <= float(self.ratio) <= 1.0):
             raise ValueError(
                 f"fastv: ratio is the fraction of visual tokens dropped and must be in [0, 1], got {self.ratio}"
             )
         if self.keep_tokens is not None and (isinstance(self.keep_tokens, bool) or int(self.keep_tokens) < 0):
             raise ValueError(f"fastv: keep_tokens must be an integer >= 0, got {self.keep_tokens}")
+
+    @property
+    def drop_ratio(self) -> float:
+        """R, the fraction of visual tokens dropped: ``ratio``, else 0.5 (unused with ``keep_tokens``)."""
+        return DEFAULT_RATIO if self.ratio is None else float(self.ratio)
 
 
 @register_method
@@ -85,9 +90,9 @@ class FastV(InLLMMethod):
         return [CutPoint(probe_layer=k - 1, cut_layer=k)]
 
     def keeps_everything(self, layout=None) -> bool:
-        return self.config.keep_tokens is None and float(self.config.ratio) == 0.0
+        return self.config.keep_tokens is None and self.config.drop_ratio == 0.0
 
     def keep_counts(self, cut_index: int, visual_in: torch.Tensor) -> torch.Tensor:
         if self.config.keep_tokens is not None:
             return visual_in.clamp(max=int(self.config.keep_tokens))
-        return torch.round(visual_in.double() * (1.0 - float(self.config.ratio))).long()
+        return torch.round(visual_in.double() * (1.0 - self.config.drop_ratio)).long()
