@@ -50,6 +50,7 @@ class LlavaAdapter:
     family = "llava"
     model_types = ("llava",)
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    supports_feature_replacement = False  # methods that rewrite visual tokens (quota) need the adapter's support
 
     def __init__(self, model):
         self.model = model
@@ -168,6 +169,11 @@ class LlavaAdapter:
             hooks.extend(self._install_label_cut(pre_pruner, in_pruner))
 
     def _pre_llm_pruner(self, method, layout) -> PreLLMPruner:
+        if getattr(method, "replaces_features", False) and not self.supports_feature_replacement:
+            raise ValueError(
+                f"method {method.name!r} resizes video frames and is supported on LLaVA-OneVision video prompts only; "
+                f"{type(self.model).__name__} is not supported yet"
+            )
         needs_cls = any(kind == "cls" for kind, _ in method.vision_probes().values())
         if needs_cls and not self.has_cls_token():
             raise ValueError(

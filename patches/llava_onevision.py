@@ -38,6 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from vtprune.engine.pre_llm import TokenSelection
 from vtprune.methods.base import BudgetConfig, VisualLayout
 from vtprune.methods.highres import CropLayout
 from vtprune.patches import InstanceMethodPatch, register_adapter
@@ -53,6 +54,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision",)
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+    supports_feature_replacement = True  # quota: video frames replaced by their resized grids
 
     @property
     def side(self) -> int:
@@ -75,6 +77,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     # -- selection ------------------------------------------------------------------------
     def token_selector(self, method, layout):
+        if getattr(method, "replaces_features", False):
+            return self._quota_selector(method)
         if isinstance(method.config, BudgetConfig):
             method.config.num_keep(layout.num_tokens)  # a budget larger than a sub-image fails now
         grid = layout.grid
@@ -102,6 +106,58 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             for kind, kind_keep in keeps.items():
                 keep = keep.masked_scatter(masks[kind].to(device), kind_keep)
             return keep[pending.image_token_mask.to(device)]
+
+        return select
+
+    def _quota_selector(self, method):
+        """QuoTA on video prompts: per video, the method's :class:`FramePlan` replaces the frame tokens.
+
+        A video's columns are its frames' pooled grids, then one newline. The kept frames' resized
+        grids (sum h * w <= frames * P tokens) fill the video's first columns, in order; the rest of
+        the frame columns are dropped; the trailing newline is kept as it is.
+        """
+        frame = self.frame_layout()
+
+        def select(pending, device):
+            context = pending.context
+            if "images" in context:
+                raise NotImplementedError(
+                    "quota on LLaVA-OneVision handles video prompts only; images (single or multi-image) are not "
+                    "supported yet"
+                )
+            video = context["video"]
+            videos, frames = video["shape"]
+            tokens = frames * frame.num_tokens
+            video_mask = context["masks"]["video"].to(device)
+            embeds = pending.inputs_embeds
+            columns = embeds[video_mask].view(videos, tokens + 1, embeds.shape[-1])
+            queries = method.queries(videos)
+            keeps, values, plans = [], [], []
+            for v in range(videos):  # a few videos per batch
+                plan = method.plan_video(
+                    video["pixels"][v], columns[v, :tokens].view(frames, *frame.grid, -1), queries[v]
+                )
+                plans.append(plan)
+                kept = plan.features.shape[0]
+                keeps.append(torch.arange(tokens + 1, device=device) < kept)
+                values.append(plan.features)
+            stats = {
+                "scoring_seconds": sum(p.scoring_seconds for p in plans),
+                "decouple_seconds": sum(p.decouple_seconds for p in plans),
+                "frame_tokens": [p.tokens for p in plans],
+                "frame_grids": [p.grids for p in plans],
+                "yes_probability": [p.yes_probability for p in plans],
+                "entities": [p.entities for p in plans],
+            }
+            if all(grid == frame.grid for p in plans for grid in p.grids):
+                return TokenSelection(None, stats=stats)  # every frame as it is: bit-identical
+            replace = torch.cat(keeps)
+            keep = replace.clone()
+            keep.view(videos, tokens + 1)[:, -1] = True  # the trailing newline
+            visual = pending.image_token_mask.to(device)
+            full_keep = torch.zeros_like(visual).masked_scatter(video_mask, keep)[visual]
+            full_replace = torch.zeros_like(visual).masked_scatter(video_mask, replace)[visual]
+            return TokenSelection(full_keep, full_replace, torch.cat(values), stats)
 
         return select
 
@@ -202,7 +258,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                     ).flatten(1)
                     for name, s in (getattr(output, SCORES_ATTRIBUTE, None) or {}).items()
                 }
-                info = {"video": {"shape": (videos, frames), "scores": scores}}
+                info = {"video": {"shape": (videos, frames), "scores": scores, "pixels": pixels}}
                 setattr(output, VIDEO_ATTRIBUTE, info)
                 if pruner.pending is not None and "video" not in pruner.pending.context:
                     pruner.pending.context.update(info)

@@ -37,3 +37,237 @@ def test_resize_modes():
     torch.testing.assert_close(bilinear, expected)
     torch.testing.assert_close(resize_frame(x, (3, 3), "pool"), x.view(3, 2, 3, 2, 8).mean(dim=(1, 3)))
     assert torch.equal(resize_frame(x, (2, 2), "uniform"), x[[0, 5]][:, [0, 5]])
+
+
+# -- the registered method on LLaVA-OneVision video prompts -------------------------------------
+
+import functools  # noqa: E402
+
+from conftest import hook_counts  # noqa: E402
+
+import vtprune  # noqa: E402
+from vtprune.evals.toy_models import VIDEO_TOKEN_ID, tiny_llava, tiny_llava_onevision  # noqa: E402
+from vtprune.methods.quota import parse_entities, scoring_prompt  # noqa: E402
+
+FRAME = 4  # pooled tokens per frame of the tiny model (2 x 2)
+
+
+@functools.cache
+def onevision():
+    return tiny_llava_onevision(seed=3)
+
+
+def video_inputs(frames=4, seed=0, prefix=(9, 10)):
+    px = torch.randn(1, frames, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    ids = torch.cat([torch.tensor(prefix), torch.full((frames * FRAME + 1,), VIDEO_TOKEN_ID), torch.tensor([12, 13])])
+    return {"input_ids": ids[None], "pixel_values_videos": px}
+
+
+def fixed(*p):
+    """A stub scorer with fixed yes-probabilities: the first call gets the first frames' values,
+    a later call (score_batch) the last ones; it records (frames, prompt) per call."""
+    calls = []
+
+    def scorer(frames, prompt):
+        calls.append((frames.shape[0], prompt))
+        return torch.tensor(p[: frames.shape[0]]) if len(calls) == 1 else torch.tensor(p[-frames.shape[0] :])
+
+    scorer.calls = calls
+    return scorer
+
+
+def by_pixels(frames, prompt):  # depends on each frame only: the same answer alone or in a batch
+    return torch.sigmoid(frames.float().mean(dim=(1, 2, 3)) * 20)
+
+
+def merged(m, kw):
+    captured = {}
+    hook = m.model.language_model.register_forward_pre_hook(
+        lambda mod, a, k: captured.update(x=k["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        m(**kw)
+    hook.remove()
+    return captured["x"][0]
+
+
+def llm_logits(m, embeds):
+    with torch.no_grad():
+        hidden = m.model.language_model(
+            inputs_embeds=embeds[None], position_ids=torch.arange(embeds.shape[0])[None], use_cache=False
+        ).last_hidden_state
+        return m.lm_head(hidden)
+
+
+def test_stub_scorer_gives_hand_computed_frame_grids_and_logits():
+    m = onevision()
+    kw = video_inputs(seed=6)
+    x = merged(m, kw)  # (2 + 17 + 2, D)
+    frames = x[2:18].view(4, 2, 2, -1)
+
+    def up(frame, size):
+        return F.interpolate(frame.permute(2, 0, 1)[None], size=size, mode="bilinear")[0].permute(1, 2, 0)
+
+    # w ∝ p²: 8100, 2500, 100, 0 of 10700; T = 16 -> int(12.11), int(3.74), int(0.15), 0 = 12, 3, 0, 0
+    # grids: 12 -> (4, 3) (up-sampled from 2 x 2), 3 -> (2, 1); frames 2 and 3 dropped
+    expected = torch.cat(
+        [x[:2], up(frames[0], (4, 3)).reshape(12, -1), up(frames[1], (2, 1)).reshape(2, -1), x[18:]], dim=0
+    )
+    scorer = fixed(0.9, 0.5, 0.1, 0.0)
+    with vtprune.patched(m, "quota", scorer=scorer, query="Where is the cat?") as handle:
+        with torch.no_grad():
+            logits = m(**kw).logits
+        last = handle.last
+        assert last.extra["frame_tokens"] == [[12, 3, 0, 0]]
+        assert last.extra["frame_grids"] == [[(4, 3), (2, 1), None, None]]
+        assert last.stages[0].kept[0].tolist() == list(range(14)) + [16]
+        assert last.visual_tokens_in == [17] and last.visual_tokens_kept == [15]
+        assert last.scoring_seconds is not None and last.scoring_seconds >= 0
+        cached = m.generate(**kw, max_new_tokens=4, do_sample=False)
+        uncached = m.generate(**kw, max_new_tokens=4, do_sample=False, use_cache=False)
+    torch.testing.assert_close(logits, llm_logits(m, expected), rtol=1e-5, atol=1e-5)
+    assert torch.equal(cached, uncached)
+    assert scorer.calls[0] == (4, scoring_prompt("Where is the cat?", None))
+
+
+@pytest.mark.parametrize("reduce", ["pool", "uniform"])
+def test_other_reductions(reduce):
+    m = onevision()
+    kw = video_inputs(seed=2)
+    frames = merged(m, kw)[2:18].view(4, 2, 2, -1)
+    with vtprune.patched(m, "quota", scorer=fixed(0.0, 1.0, 0.0, 0.0), query="q", reduce=reduce, budget_tokens=1):
+        captured = {}
+        hook = m.model.language_model.register_forward_pre_hook(
+            lambda mod, a, k: captured.update(x=k["inputs_embeds"]), with_kwargs=True
+        )
+        with torch.no_grad():
+            m(**kw)
+        hook.remove()
+    expected = frames[1].mean(dim=(0, 1)) if reduce == "pool" else frames[1, 0, 0]
+    torch.testing.assert_close(captured["x"][0, 2], expected)  # frame 1 alone, one token
+    assert captured["x"].shape[1] == 2 + 1 + 1 + 2
+
+
+def test_keep_all_is_bit_identical_and_remove_restores():
+    m = onevision()
+    kw = video_inputs(seed=1)
+    with torch.no_grad():
+        reference = m(**kw).logits
+    tokens = m.generate(**kw, max_new_tokens=4, do_sample=False)
+    before = hook_counts(m)
+    # equal probabilities and T = 16: 4 tokens per frame = each frame's own 2 x 2 grid
+    with vtprune.patched(m, "quota", scorer=fixed(0.3, 0.3, 0.3, 0.3), query="q") as handle, torch.no_grad():
+        assert torch.equal(m(**kw).logits, reference)
+        assert handle.last.extra["frame_tokens"] == [[4, 4, 4, 4]]
+        assert torch.equal(m.generate(**kw, max_new_tokens=4, do_sample=False), tokens)
+    # a one-frame video gets the whole budget: its own grid again
+    one = video_inputs(frames=1, seed=4)
+    with torch.no_grad():
+        alone = m(**one).logits
+    with vtprune.patched(m, "quota", scorer=fixed(0.2), query="q") as handle, torch.no_grad():
+        assert torch.equal(m(**one).logits, alone)
+        assert handle.last.extra["frame_tokens"] == [[4]]
+    assert hook_counts(m) == before
+    with torch.no_grad():
+        assert torch.equal(m(**kw).logits, reference)
+
+
+def test_batch_invariance():
+    m = onevision()
+    a, b = video_inputs(seed=7), video_inputs(seed=8, prefix=(9, 10, 11, 14))
+    pad = b["input_ids"].shape[1] - a["input_ids"].shape[1]
+    batch = {
+        "input_ids": torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), a["input_ids"]], 1), b["input_ids"]]),
+        "attention_mask": torch.cat(
+            [torch.cat([torch.zeros(1, pad), torch.ones_like(a["input_ids"])], 1), torch.ones_like(b["input_ids"])]
+        ).long(),
+        "pixel_values_videos": torch.cat([a["pixel_values_videos"], b["pixel_values_videos"]]),
+    }
+    with vtprune.patched(m, "quota", scorer=by_pixels, query="q", budget_tokens=10) as handle, torch.no_grad():
+        together = m(**batch).logits[:, -1]
+        tokens = handle.last.extra["frame_tokens"]
+        alone = []
+        for kw in (a, b):
+            alone.append(m(**kw).logits[0, -1])
+            assert handle.last.extra["frame_tokens"] == [tokens[len(alone) - 1]]
+    assert tokens[0] != tokens[1] and all(sum(t) <= 10 for t in tokens)  # different plans in one batch
+    torch.testing.assert_close(together, torch.stack(alone), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input():
+    m = onevision()
+    kw = video_inputs()
+    with pytest.raises(ValueError, match="needs a frame scorer"):
+        vtprune.patch(m, "quota", query="q")
+    with pytest.raises(ValueError, match="positions='compact'"):
+        vtprune.patch(m, "quota", scorer=by_pixels, positions="original")
+    with pytest.raises(ValueError, match="LLaVA-OneVision video prompts only"):
+        vtprune.patch(tiny_llava(), "quota", scorer=by_pixels, query="q")
+    with vtprune.patched(m, "quota", scorer=by_pixels) as handle, torch.no_grad():
+        with pytest.raises(ValueError, match="needs the user's question"):
+            m(**kw)
+        handle.set_query("   ")
+        with pytest.raises(ValueError, match="needs the user's question"):
+            m(**kw)
+        handle.set_query("what?")
+        m(**kw)
+    with (
+        vtprune.patched(m, "quota", scorer=by_pixels, query="q", budget_tokens=17),
+        torch.no_grad(),
+        pytest.raises(ValueError, match="exceeds the video's 16 unpruned frame tokens"),
+    ):
+        m(**kw)
+    with (
+        vtprune.patched(m, "quota", scorer=fixed(0.5, 0.5, 0.5, 0.5), query="q", budget_tokens=3),
+        torch.no_grad(),
+        pytest.raises(ValueError, match="every frame 0 tokens"),
+    ):
+        m(**kw)
+    with (
+        vtprune.patched(m, "quota", scorer=lambda f, p: torch.ones(2), query="q"),
+        torch.no_grad(),
+        pytest.raises(ValueError, match="returned 2 probabilities for 4 frames"),
+    ):
+        m(**kw)
+
+
+def test_frames_are_scored_in_batches():
+    m = onevision()
+    scorer = fixed(1.0, 0.0, 0.0, 0.0)
+    with vtprune.patched(m, "quota", scorer=scorer, query="q", score_batch=3) as handle, torch.no_grad():
+        m(**video_inputs())
+    assert [n for n, _ in scorer.calls] == [3, 1]
+    assert handle.last.extra["frame_tokens"] == [[16, 0, 0, 0]]
+
+
+def test_query_decoupling_and_its_fallback():
+    good = "Step 1: Yes\nStep 2: ['dog', 'color']\nStep 3: ['dog', 'red ball']"
+    assert parse_entities(good) == ["dog", "red ball"]
+    assert parse_entities("step 1: no\nstep 3: ['dog']") is None
+    assert parse_entities("step 1: yes\nstep 3: [dog") is None
+    assert parse_entities("step 1: yes\nstep 3: [os.system('x')]") is None
+    m = onevision()
+    scorer = fixed(0.5, 0.5, 0.5, 0.5)
+    prompts = []
+    decoupler = lambda text: prompts.append(text) or good  # noqa: E731
+    with (
+        vtprune.patched(m, "quota", scorer=scorer, query="Is the dog red?", decouple=True, decoupler=decoupler),
+        torch.no_grad(),
+    ):
+        m(**video_inputs())
+    assert "Is the dog red?" in prompts[0]
+    assert scorer.calls[0][1] == "Does the image contain any object of {dog, red ball}? A. yes, B. no\n" + (
+        "Answer with the option's letter directly."
+    )
+
+    def broken(text):
+        raise RuntimeError("no LLM")
+
+    scorer = fixed(0.5, 0.5, 0.5, 0.5)
+    with (
+        vtprune.patched(m, "quota", scorer=scorer, query="Q?", decouple=True, decoupler=broken),
+        pytest.warns(UserWarning, match="decoupling failed"),
+        torch.no_grad(),
+    ):
+        m(**video_inputs())
+    assert scorer.calls[0][1].startswith("Q?\nDoes the image contain sufficient information")

@@ -76,6 +76,16 @@ class PruneRecord:
         return stages
 
     @property
+    def extra(self) -> dict:
+        """Method-specific figures of the pre-LLM stage (e.g. QuoTA's per-frame tokens), else {}."""
+        return self._pre[1].extra if self._pre is not None else {}
+
+    @property
+    def scoring_seconds(self) -> float | None:
+        """Time spent scoring frames outside the LVLM's own prefill (QuoTA's scorer), else None."""
+        return self.extra.get("scoring_seconds")
+
+    @property
     def visual_tokens_in(self) -> list[int]:
         """Visual tokens per sample before pruning."""
         return self._per_sample["visual"]
@@ -172,6 +182,17 @@ class PruneHandle:
             callback()
         self._on_remove.clear()
         self.removed = True
+
+    def set_query(self, text) -> None:
+        """Give query-aware methods (quota) the user's question for the next forwards.
+
+        ``text``: a str, or one str per video of the next batch.
+        """
+        targets = [m for m in self.methods if hasattr(m.config, "query")]
+        if not targets:
+            raise ValueError(f"no method of {self!r} takes a query")
+        for method in targets:
+            method.config.query = text
 
     def __enter__(self) -> PruneHandle:
         return self

@@ -32,6 +32,23 @@ class PendingPrefill:
     num_images: int
     scores: torch.Tensor | dict | None = None  # from the adapter's probes, e.g. (num_images, N) fp32
     context: dict = field(default_factory=dict)  # what else the adapter's selector needs (image sizes, ...)
+    inputs_embeds: torch.Tensor | None = None  # (B, L, D) the merged prompt, set just before selection
+
+
+@dataclass
+class TokenSelection:
+    """A selector's answer when it also rewrites token values (QuoTA's resized frames).
+
+    keep: flat bool over the batch's image columns (as a plain selector returns), or None to
+    keep every column. replace: flat bool over the image columns whose embedding is overwritten
+    (a subset of keep); values: (replace.sum(), D) the new embeddings, in column order.
+    stats: method figures for ``handle.last.extra`` (e.g. ``scoring_seconds``).
+    """
+
+    keep: torch.Tensor | None
+    replace: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +70,7 @@ class PrefillResult:
     visual_in: torch.Tensor  # (B,) visual tokens per sample before the cut
     real_tokens_before: torch.Tensor  # (B,)
     real_tokens_after: torch.Tensor  # (B,)
+    extra: dict = field(default_factory=dict)  # method figures (TokenSelection.stats)
 
 
 def visual_index(image_mask: torch.Tensor) -> torch.Tensor:
@@ -144,10 +162,20 @@ class PreLLMPruner:
         visual = visual_index(image_mask)
         visual_in = image_mask.sum(dim=1)
         mask = kwargs.get("attention_mask")
+        pending.inputs_embeds = embeds
         image_keep = self.select_tokens(pending, embeds.device)
+        pending.inputs_embeds = None
+        extra = {}
+        if isinstance(image_keep, TokenSelection):
+            selection, image_keep, extra = image_keep, image_keep.keep, image_keep.stats
+            if image_keep is not None and selection.values is not None:
+                replace = torch.zeros_like(image_mask).masked_scatter(image_mask, selection.replace.to(embeds.device))
+                embeds = embeds.masked_scatter(
+                    replace[..., None].expand_as(embeds), selection.values.to(embeds.device, embeds.dtype)
+                )
         if image_keep is None:  # nothing dropped: leave the inputs untouched, bit-identical
             real = mask.sum(dim=1) if mask is not None else torch.full((batch,), length, device=embeds.device)
-            self.on_prefill(PrefillResult(visual, visual_in, real, real))
+            self.on_prefill(PrefillResult(visual, visual_in, real, real, extra))
             return kwargs
         if mask is not None and mask.dim() != 2:
             raise NotImplementedError("vtprune needs a 2-D attention mask (padding mask); got a 4-D mask")
@@ -168,7 +196,7 @@ class PreLLMPruner:
         self.prompt = PrunedPrompt(cut=cut, original_length=length, pruned_mask=pruned_mask, cache=cache, shift=shift)
         real_before = mask2d.sum(dim=1)
         kept_index = torch.where(keep & image_mask, visual, -1)
-        self.on_prefill(PrefillResult(kept_index, visual_in, real_before, real_before - cut.removed))
+        self.on_prefill(PrefillResult(kept_index, visual_in, real_before, real_before - cut.removed, extra))
         return kwargs
 
     def _continue_decode(self, prompt: PrunedPrompt, kwargs: dict) -> dict:

@@ -1,12 +1,17 @@
-"""QuoTA building blocks: per-frame budgets and grid resizing (not yet a registered method).
+"""QuoTA (method ``quota``): query-oriented per-frame token budgets and grid resizing.
 
 Paper: "QuoTA: Query-oriented Token Assignment via CoT Query Decouple for Long Video
 Comprehension" (arXiv 2503.08689); official code MAC-AutoML/QuoTA (``core/llava_arch.py``
 ``token_compress`` version v1, ``quota_pipeline.py``).
 
-Status: only the pure tensor rules below exist. The method itself (scorer protocol, CoT query
-decoupling, and a pre-LLM cut that *replaces* each frame's features by its resized grid) is not
-implemented yet, so ``quota`` is not registered; see evals/README_VIDEO.md.
+Usage (LLaVA-OneVision video prompts; see :class:`Quota` and evals/README_VIDEO.md)::
+
+    handle = vtprune.patch(model, "quota", scorer=my_scorer, query="What is the man holding?")
+    handle.set_query("another question")  # before the next forward
+
+The scorer is ``scorer(frames, prompt_text) -> (num_frames,)`` yes-probabilities; a one-frame
+video is one frame (it gets the whole budget). Image prompts (a single image as one frame,
+multi-image prompts with images as frames) and Qwen2-VL are not supported yet: they raise.
 
 Rules, as in the official v1 code:
 - weights: w_i = (100 p_i)^2, normalised to sum to 1 (``weight_scale=[100, 2]``);
@@ -20,10 +25,18 @@ Rules, as in the official v1 code:
 
 from __future__ import annotations
 
+import ast
 import math
+import re
+import time
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from vtprune.methods.base import Method, MethodConfig
+from vtprune.registry import register_method
 
 REDUCE_MODES = ("bilinear", "pool", "uniform")
 
@@ -69,3 +82,240 @@ def resize_frame(features: torch.Tensor, size: tuple[int, int], mode: str = "bil
         cols = torch.linspace(0, features.shape[1] - 1, size[1]).round().long()
         out = grid[:, :, rows][:, :, :, cols]
     return out[0].permute(1, 2, 0)
+
+
+# -- the method --------------------------------------------------------------------------------
+
+DECOUPLE_TEMPLATE = (
+    "Question: {question}\n"
+    "Answer in three steps.\n"
+    "Step 1: is it necessary to detect specific physical entities to answer the question? Answer yes or no.\n"
+    "Step 2: list the objects mentioned in the question as a Python list.\n"
+    "Step 3: keep only the physical entities, as a Python list.\n"
+    "Example: Question: What color is the dog chasing the ball?\n"
+    "Step 1: yes\nStep 2: ['dog', 'ball', 'color']\nStep 3: ['dog', 'ball']\n"
+)
+ENTITY_PROMPT = (
+    "Does the image contain any object of {entities}? A. yes, B. no\nAnswer with the option's letter directly."
+)
+QUESTION_PROMPT = (
+    "{question}\nDoes the image contain sufficient information to answer the given question? A. yes, B. no\n"
+    "Answer with the option's letter directly."
+)
+
+
+def parse_entities(output: str) -> list[str] | None:
+    """The decoupler's answer -> entities, or None (no entities needed, or unparseable).
+
+    As the official pipeline: regexes ``step 1: (yes|no)`` and ``step 3: (\\[[^\\]]*\\])`` on the
+    lower-cased text; the list is read with ``ast.literal_eval`` (the official code ``eval``s it).
+    """
+    text = str(output).lower()
+    step1 = re.search(r"step 1: (yes|no)", text)
+    if step1 is None or step1.group(1) != "yes":
+        return None
+    step3 = re.search(r"step 3: (\[[^\]]*\])", text)
+    if step3 is None:
+        return None
+    try:
+        value = ast.literal_eval(step3.group(1))
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(value, (list, tuple)):
+        return None
+    entities = [str(item).strip() for item in value if str(item).strip()]
+    return entities or None
+
+
+def scoring_prompt(question: str, entities: list[str] | None) -> str:
+    if entities:
+        return ENTITY_PROMPT.format(entities="{" + ", ".join(entities) + "}")
+    return QUESTION_PROMPT.format(question=question)
+
+
+def _positive_int_or_none(name, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"quota: {name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass
+class QuotaConfig(MethodConfig):
+    """QuoTA options.
+
+    query: the user's question (str; or one str per video of a batch); also ``handle.set_query``.
+    scorer: ``scorer(frames, prompt_text) -> (num_frames,)`` yes-probabilities in [0, 1]; frames
+    is a (n, C, H, W) pixel tensor of one video's frames, exactly as the model received them.
+    budget_tokens / keep_ratio: the total T per video (default: the unpruned frame tokens).
+    reduce: "bilinear" (official v1), "pool" (v2) or "uniform" (v3).
+    decouple: run CoT query decoupling with ``decoupler(prompt_text) -> generated text``.
+    score_batch: frames per scorer call (official: 64).
+    """
+
+    query: object = None
+    scorer: object = None
+    budget_tokens: int | None = None
+    keep_ratio: float | None = None
+    reduce: str = "bilinear"
+    decouple: bool = False
+    decoupler: object = None
+    decouple_template: str = DECOUPLE_TEMPLATE
+    score_batch: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.positions != "compact":
+            raise ValueError(
+                "quota feeds the LLM a normal, shorter sequence (resized frames); only positions='compact' applies"
+            )
+        if self.reduce not in REDUCE_MODES:
+            raise ValueError(f"quota: reduce must be one of {REDUCE_MODES}, got {self.reduce!r}")
+        if self.scorer is None or not callable(self.scorer):
+            raise ValueError(
+                "quota needs a frame scorer: pass scorer=callable(frames, prompt_text) -> (num_frames,) "
+                "yes-probabilities (e.g. a small VLM's probability of the option letter for yes)"
+            )
+        if self.decouple and not callable(self.decoupler):
+            raise ValueError("quota: decouple=True needs decoupler=callable(prompt_text) -> generated text")
+        if "{question}" not in str(self.decouple_template):
+            raise ValueError("quota: decouple_template must contain '{question}'")
+        if self.budget_tokens is not None and self.keep_ratio is not None:
+            raise ValueError("quota: give budget_tokens or keep_ratio, not both")
+        _positive_int_or_none("budget_tokens", self.budget_tokens)
+        _positive_int_or_none("score_batch", self.score_batch)
+        if self.keep_ratio is not None and not (0.0 < float(self.keep_ratio) <= 1.0):
+            raise ValueError(f"quota: keep_ratio must be in (0, 1], got {self.keep_ratio}")
+
+
+@dataclass
+class FramePlan:
+    """QuoTA's decision for one video: per-frame tokens and grids, and the new frame tokens."""
+
+    yes_probability: list[float]
+    tokens: list[int]  # int(T * w_i) per frame; 0 = dropped
+    grids: list[tuple[int, int] | None]  # (h, w) per frame, None when dropped
+    features: torch.Tensor  # (sum h * w, D): the kept frames' resized grids, raster order, frames in order
+    entities: list[str] | None
+    scoring_seconds: float
+    decouple_seconds: float
+
+
+@register_method
+class Quota(Method):
+    """QuoTA (arXiv 2503.08689): query-oriented per-frame token budgets before the LLM.
+
+    Follows MAC-AutoML/QuoTA: ``quota_pipeline.py`` (CoT decoupling prompt and its regex parse,
+    the two scoring prompts, yes-probability of option "A"), ``core/llava_arch.py``
+    ``token_compress`` v1 (w_i = (100 p_i)^2 normalised, int(T w_i) tokens, frames with 0 dropped,
+    floor-sqrt grid, bilinear ``F.interpolate`` with no per-frame cap; "pool" / "uniform" are the
+    v2 / v3 reductions). Differences: the scorer is any callable (official: Qwen2-VL-2B); the
+    decoupler is a callable, its default template paraphrases the official 3-step prompt with one
+    example (official: three), and its list is read with ``ast.literal_eval``; unparseable output falls
+    back to the question prompt. Layout follows the patched model, not ``add_token_per_grid_prune``:
+    transformers' LLaVA-OneVision closes a video with one newline (kept), so no per-row newlines
+    are added. The total budget cannot exceed the unpruned frame tokens (the prompt's placeholders
+    fix the sequence; the resized tokens fill the first placeholders of the video, in order).
+    The question reaches the method through ``query=`` or ``handle.set_query(text)``.
+    Supported: LLaVA-OneVision video prompts (frames = the pooled per-frame grids); image prompts
+    raise NotImplementedError, other adapters refuse the method at patch time.
+    """
+
+    name = "quota"
+    config_class = QuotaConfig
+    paper = "QuoTA: Query-oriented Token Assignment via CoT Query Decouple (arXiv 2503.08689)"
+    replaces_features = True  # the adapter must write resized frames, not only drop columns
+
+    def keeps_everything(self, layout=None) -> bool:
+        return False
+
+    def select(self, scores, num_images, layout, device):
+        raise NotImplementedError("quota resizes video frames; its adapter calls plan_video")
+
+    def queries(self, count: int) -> list[str]:
+        query = self.config.query
+        if isinstance(query, (list, tuple)):
+            if len(query) != count:
+                raise ValueError(f"quota: {len(query)} queries for {count} videos; give one question per video")
+            queries = list(query)
+        else:
+            queries = [query] * count
+        for q in queries:
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(
+                    "quota needs the user's question (non-empty text): pass query='...' to vtprune.patch or call "
+                    "handle.set_query('...') before the forward"
+                )
+        return queries
+
+    def total_budget(self, unpruned: int) -> int:
+        config = self.config
+        if config.budget_tokens is not None:
+            total = int(config.budget_tokens)
+        elif config.keep_ratio is not None:
+            total = max(1, math.floor(float(config.keep_ratio) * unpruned + 0.5))
+        else:
+            total = unpruned
+        if total > unpruned:
+            raise ValueError(
+                f"quota: budget_tokens={total} exceeds the video's {unpruned} unpruned frame tokens; the prompt's "
+                f"placeholders fix the sequence, so use budget_tokens <= {unpruned}"
+            )
+        return total
+
+    def decouple(self, question: str) -> tuple[list[str] | None, float]:
+        if not self.config.decouple:
+            return None, 0.0
+        start = time.perf_counter()
+        try:
+            output = self.config.decoupler(self.config.decouple_template.format(question=question))
+            entities = parse_entities(output)
+        except Exception as error:  # decoupling is an optional refinement: fall back to the question
+            warnings.warn(f"quota: query decoupling failed ({error!r}); scoring with the plain question", stacklevel=2)
+            entities = None
+        return entities, time.perf_counter() - start
+
+    def score_frames(self, frames: torch.Tensor, prompt: str) -> torch.Tensor:
+        """(n, ...) frames -> (n,) fp64 yes-probabilities, ``score_batch`` frames per scorer call."""
+        parts = []
+        for first in range(0, frames.shape[0], self.config.score_batch):
+            chunk = frames[first : first + self.config.score_batch]
+            p = torch.as_tensor(self.config.scorer(chunk, prompt)).detach().double().cpu().flatten()
+            if p.numel() != chunk.shape[0]:
+                raise ValueError(f"quota: the scorer returned {p.numel()} probabilities for {chunk.shape[0]} frames")
+            parts.append(p)
+        return torch.cat(parts)
+
+    def plan_video(self, frames: torch.Tensor, features: torch.Tensor, question: str) -> FramePlan:
+        """frames: (F, ...) pixels; features: (F, H, W, D) the frames' visual tokens -> :class:`FramePlan`."""
+        num_frames, height, width, _ = features.shape
+        if frames.shape[0] != num_frames:
+            raise ValueError(f"quota: {frames.shape[0]} frames but {num_frames} frame feature grids")
+        entities, decouple_seconds = self.decouple(question)
+        start = time.perf_counter()
+        p = self.score_frames(frames, scoring_prompt(question, entities))
+        scoring_seconds = time.perf_counter() - start
+        tokens = frame_budgets(p, self.total_budget(num_frames * height * width)).tolist()
+        if not any(tokens):
+            raise ValueError(
+                f"quota: the budget gives every frame 0 tokens (int(T * w_i) = 0 for all {num_frames} frames); "
+                "raise budget_tokens / keep_ratio"
+            )
+        grids, parts = [], []
+        for index, n in enumerate(tokens):
+            if n <= 0:
+                grids.append(None)
+                continue
+            grid = frame_grid(n)
+            grids.append(grid)
+            if grid == (height, width):
+                parts.append(features[index].reshape(height * width, -1))  # untouched, bit for bit
+            else:
+                parts.append(resize_frame(features[index], grid, self.config.reduce).reshape(grid[0] * grid[1], -1))
+        return FramePlan(
+            yes_probability=p.tolist(),
+            tokens=tokens,
+            grids=grids,
+            features=torch.cat(parts),
+            entities=entities,
+            scoring_seconds=scoring_seconds,
+            decouple_seconds=decouple_seconds,
+        )
