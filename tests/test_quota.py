@@ -271,3 +271,24 @@ def test_query_decoupling_and_its_fallback():
     ):
         m(**video_inputs())
     assert scorer.calls[0][1].startswith("Q?\nDoes the image contain sufficient information")
+
+
+def test_image_prompts_are_refused_with_a_clear_error():
+    from test_llava_onevision import image_inputs
+
+    m = onevision()
+    with (
+        vtprune.patched(m, "quota", scorer=by_pixels, query="q"),
+        torch.no_grad(),
+        pytest.raises(NotImplementedError, match="video prompts only"),
+    ):
+        m(**image_inputs([60, 40]))
+
+
+def test_stacks_with_an_in_llm_stage():
+    m = onevision()
+    stages = [("quota", {"scorer": fixed(0.9, 0.5, 0.1, 0.0), "query": "q"}), ("fastv", {"k": 1, "ratio": 0.5})]
+    with vtprune.patched(m, stages) as handle, torch.no_grad():
+        m(**video_inputs(seed=6))
+        summary = handle.last.summary()
+    assert [s["kept"] for s in summary["stages"]] == [[15], [8]]  # 14 resized tokens + newline, then half
