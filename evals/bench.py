@@ -20,7 +20,8 @@ glibc told to return every block over 64 KiB to the system on free, so the peak 
 live tensors.
 
 Timings are medians of ``--repeats`` runs within one process; compare ratios, not absolute
-numbers, across machines.
+numbers, across machines. On a CPU shared with other jobs, ``--threads 1 --clock cpu`` times
+the CPU the process actually got, which other load does not inflate.
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ from vtprune.engine.sequence import plan_cut
 from vtprune.evals.toy_models import IMAGE_TOKEN_ID, build_llava, llava15_shaped_config
 from vtprune.methods.base import top_k_sorted
 from vtprune.patches.llava import LlavaAdapter
+
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = {"now": time.perf_counter}
+
+
+def clock() -> float:
+    """Seconds on the chosen clock: wall time, or this process's CPU time (``--clock cpu``).
+
+    CPU time with ``--threads 1`` is what to use on a machine shared with other jobs: it counts
+    only the cycles this process got, so other load does not inflate it (wall time does).
+    """
+    return _clock["now"]()
 
 
 class OfficialStyleFastV:
@@ -73,18 +86,18 @@ class OfficialStyleFastV:
         try:
             with torch.no_grad():
                 StopWatch._sync()
-                start = time.perf_counter()
+                start = clock()
                 embeds = model.get_input_embeddings()(input_ids)
                 if encoded is None:
                     encoded = model.model.get_image_features(pixel_values=inputs["pixel_values"])
                 features = encoded.pooler_output
                 embeds = embeds.masked_scatter(image_mask[None, :, None], torch.cat(features).to(embeds.dtype))
                 StopWatch._sync()
-                llm_start = time.perf_counter()
+                llm_start = clock()
                 hidden = self._decoder(language_model, embeds, sys_length, image_tokens, rank)
                 model.lm_head(hidden[:, -1:])
                 StopWatch._sync()
-                end = time.perf_counter()
+                end = clock()
         finally:
             language_model.set_attn_implementation(implementation)
         length = input_ids.shape[1]
@@ -166,11 +179,11 @@ class StopWatch:
 
     def _start(self, module, args):
         self._sync()
-        self._t0 = time.perf_counter()
+        self._t0 = clock()
 
     def _stop(self, module, args, output):
         self._sync()
-        self.times.append(time.perf_counter() - self._t0)
+        self.times.append(clock() - self._t0)
 
     @staticmethod
     def _sync():
@@ -202,10 +215,10 @@ def prefill_once(model, inputs, spec) -> dict:
     try:
         with torch.no_grad():
             StopWatch._sync()
-            start = time.perf_counter()
+            start = clock()
             model(**inputs, use_cache=False, logits_to_keep=1)
             StopWatch._sync()
-            total = time.perf_counter() - start
+            total = clock() - start
         record = handle.last if handle else None
     finally:
         llm_watch.remove()
@@ -357,9 +370,9 @@ def time_scoring(model, inputs, keep_ratio: float, repeats: int = 50) -> dict:
     def median_seconds(fn, *args):
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             fn(*args)
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         return statistics.median(times)
 
     kept = score_and_select()
@@ -439,6 +452,7 @@ def run(repeats: int, text_tokens: int, device: str) -> dict:
         "device": device,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "clock": next(name for name, fn in _CLOCKS.items() if fn is _clock["now"]),
         "prompt_tokens": inputs["input_ids"].shape[1],
         "repeats": repeats,
         "rows": rows,
@@ -516,8 +530,22 @@ def main(argv=None) -> int:
     parser.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(_CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (robust on a shared machine; use with --threads 1 on CPU)",
+    )
     args = parser.parse_args(argv)
-    print(f"vtprune bench on {args.device} ({torch.get_num_threads()} threads), {args.repeats} repeats", flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _clock["now"] = _CLOCKS[args.clock]
+    print(
+        f"vtprune bench on {args.device} ({torch.get_num_threads()} threads, {args.clock} clock), "
+        f"{args.repeats} repeats",
+        flush=True,
+    )
     result = run(args.repeats, args.text_tokens, args.device)
     print(format_table(result))
     if args.json:
