@@ -54,7 +54,8 @@ test: lint
 	$(MAKE) test-llava
 
 bench: install
-	$(PY) -m vtprune.evals.bench --json bench_out/bench.json
+	$(PY) -m vtprune.evals.bench --repeats 3 --threads 1 --clock cpu --json bench_out/bench.json
+	$(PY) -m vtprune.evals.bench_anyres --repeats 1 --threads 1 --clock cpu --json bench_out/bench_anyres.json
 
 clean:
 	rm -rf $(VENV) $(LLAVA_VENV) demo_out bench_out build *.egg-info

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from vtprune.evals import bench
 from vtprune.evals.bench import time_configs
 from vtprune.evals.toy_models import IMAGE_TOKEN_ID, llava_next_shaped
 from vtprune.patches.llava_next import LlavaNextAdapter
@@ -63,6 +64,7 @@ def run(repeats: int, text_tokens: int, device: str) -> dict:
         "model": "LLaVA-NeXT-shaped: CLIP ViT-L/14-336 + Llama 24x1024 (~0.5B), AnyRes 672x672 = 5 sub-images",
         "device": device,
         "threads": torch.get_num_threads(),
+        "clock": "cpu" if bench._clock["now"] is bench._CLOCKS["cpu"] else "wall",
         "prompt_tokens": inputs["input_ids"].shape[1],
         "repeats": repeats,
         "rows": rows,
@@ -90,8 +92,17 @@ def main(argv=None) -> int:
     parser.add_argument("--text-tokens", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=sorted(bench._CLOCKS), default="wall", help="as in vtprune bench")
     args = parser.parse_args(argv)
-    print(f"vtprune AnyRes bench on {args.device}, {args.repeats} repeats", flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench._clock["now"] = bench._CLOCKS[args.clock]
+    print(
+        f"vtprune AnyRes bench on {args.device} ({torch.get_num_threads()} threads, {args.clock} clock), "
+        f"{args.repeats} repeats",
+        flush=True,
+    )
     result = run(args.repeats, args.text_tokens, args.device)
     print(format_table(result))
     if args.json:
