@@ -8,6 +8,7 @@ handle.remove()           # the model is exactly as before
 """
 
 from vtprune import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
+from vtprune import presets
 from vtprune.api import get_handle, patch, patched, unpatch
 from vtprune.config import build_methods, parse_spec
 from vtprune.handle import PruneHandle, PruneRecord, Stage
@@ -30,6 +31,7 @@ __all__ = [
     "get_handle",
     "methods",
     "parse_spec",
+    "presets",
     "patch",
     "patched",
     "register_method",
