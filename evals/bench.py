@@ -524,9 +524,10 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vtprune bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (median)")
+def run_cli(argv, prog: str, description: str, run, format_table, default_repeats: int) -> int:
+    """The command line shared by the benchmarks: parse, set threads and clock, run, print, save."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--repeats", type=int, default=default_repeats, help="timed runs per configuration (median)")
     parser.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
@@ -542,17 +543,21 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     _clock["now"] = _CLOCKS[args.clock]
     print(
-        f"vtprune bench on {args.device} ({torch.get_num_threads()} threads, {args.clock} clock), "
-        f"{args.repeats} repeats",
+        f"{prog} on {args.device} ({torch.get_num_threads()} threads, {args.clock} clock), {args.repeats} repeats",
         flush=True,
     )
     result = run(args.repeats, args.text_tokens, args.device)
+    result["clock"] = args.clock
     print(format_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(argv, "vtprune bench", __doc__.splitlines()[0], run, format_table, default_repeats=5)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,9 @@ timed round-robin as in :mod:`vtprune.evals.bench`.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
 
-from vtprune.evals import bench
-from vtprune.evals.bench import time_configs
+from vtprune.evals.bench import run_cli, time_configs
 from vtprune.evals.toy_models import IMAGE_TOKEN_ID, llava_next_shaped
 from vtprune.patches.llava_next import LlavaNextAdapter
 
@@ -64,7 +59,6 @@ def run(repeats: int, text_tokens: int, device: str) -> dict:
         "model": "LLaVA-NeXT-shaped: CLIP ViT-L/14-336 + Llama 24x1024 (~0.5B), AnyRes 672x672 = 5 sub-images",
         "device": device,
         "threads": torch.get_num_threads(),
-        "clock": "cpu" if bench._clock["now"] is bench._CLOCKS["cpu"] else "wall",
         "prompt_tokens": inputs["input_ids"].shape[1],
         "repeats": repeats,
         "rows": rows,
@@ -87,29 +81,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vtprune bench --anyres", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
-    parser.add_argument("--text-tokens", type=int, default=40)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=sorted(bench._CLOCKS), default="wall", help="as in vtprune bench")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bench._clock["now"] = bench._CLOCKS[args.clock]
-    print(
-        f"vtprune AnyRes bench on {args.device} ({torch.get_num_threads()} threads, {args.clock} clock), "
-        f"{args.repeats} repeats",
-        flush=True,
-    )
-    result = run(args.repeats, args.text_tokens, args.device)
-    print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
-    return 0
+    return run_cli(argv, "vtprune AnyRes bench", __doc__.splitlines()[0], run, format_table, default_repeats=3)
 
 
 if __name__ == "__main__":
