@@ -49,7 +49,7 @@ def time_prefill(model, inputs, repeats: int) -> float:
     return statistics.median(times[1:])  # the first run warms up
 
 
-def run(out_dir: Path, repeats: int = 3) -> list[dict]:
+def run(out_dir: Path, repeats: int = 3, methods=METHODS, keep_ratios=KEEP_RATIOS) -> list[dict]:
     torch.manual_seed(0)
     model = build_llava(llava15_shaped_config("small"))
     image = load_sample().resize((336, 336))
@@ -57,8 +57,8 @@ def run(out_dir: Path, repeats: int = 3) -> list[dict]:
     layout_grid = (24, 24)
     rows, overlays, titles = [], [image], ["original (576 tokens)"]
     print(f"{'method':<10} {'keep':>5} {'tokens':>7} {'LLM GFLOPs':>11} {'prefill ms':>11}")
-    for method in METHODS:
-        for keep in KEEP_RATIOS:
+    for method in methods:
+        for keep in keep_ratios:
             with vtprune.patched(model, method, keep_ratio=keep) as handle:
                 seconds = time_prefill(model, inputs, repeats)
                 record = handle.last
