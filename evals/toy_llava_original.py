@@ -112,6 +112,10 @@ def build_llava_original(config, seed: int = 0, dtype=torch.float32):
 
     torch.manual_seed(seed)
     model = LlavaLlamaForCausalLM(config)
+    newline = getattr(model.get_model(), "image_newline", None)
+    if newline is not None:  # the package allocates it with torch.empty: uninitialised memory, NaN on some machines
+        with torch.no_grad():
+            newline.normal_(std=config.hidden_size**-0.5)
     tower = model.get_vision_tower()
     if not tower.is_loaded:  # built with delay_load=True, as load_pretrained_model does
         tower.load_model()
