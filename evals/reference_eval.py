@@ -166,6 +166,35 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([header, *(format_row(r) for r in rows)])
 
 
+def plot(rows: list[dict], path: str | Path) -> None:
+    """Accuracy vs visual tokens kept, one line per method, the unpruned model as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_method = defaultdict(list)
+    for row in rows:
+        if "error" not in row:
+            by_method[row["method"]].append((row["visual_tokens_kept"], 100 * row["accuracy"]))
+    for method, points in sorted(by_method.items()):
+        points.sort()
+        if method == "full":
+            ax.plot(*zip(*points), "k*", markersize=12, label="full (144 tokens)")
+        else:
+            ax.plot(*zip(*points), "o-", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("visual tokens per image reaching the LLM")
+    ax.set_ylabel("ShapesVQA test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REFERENCE_DIR), help="checkpoint folder")
@@ -176,6 +205,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--plot", default=None, help="write the accuracy-vs-tokens plot here (.png)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,6 +216,8 @@ def main(argv=None) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":
