@@ -247,6 +247,9 @@ def qwen2_vl_prompt(text_lengths, grids, kinds=None, merge=2, seed=0, vocab=128)
     return torch.cat(ids), torch.cat(types)
 
 
+ONEVISION_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 96], [128, 128]]
+
+
 def tiny_llava_onevision(seed: int = 0, attn_implementation="sdpa", layers=2, pinpoints=None):
     """A few-layer LLaVA-OneVision: 32 px SigLIP tower (4 x 4 patches, no [CLS]), AnyRes-max-9 crops.
 
@@ -263,7 +266,7 @@ def tiny_llava_onevision(seed: int = 0, attn_implementation="sdpa", layers=2, pi
         text_config=text_config("qwen2", layers=layers),
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
-        image_grid_pinpoints=pinpoints or [[32, 64], [64, 32], [64, 64], [96, 96], [128, 128]],
+        image_grid_pinpoints=pinpoints or ONEVISION_PINPOINTS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )

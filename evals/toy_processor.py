@@ -11,12 +11,21 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
+VIDEO_SPECIAL_TOKENS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<image>",
+    "<video>",
+    "<unk>",
+]  # <video> = 4 (toy_models.VIDEO_TOKEN_ID)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'video' %}<video>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{% if message['role'] != 'user' %}</s>{% endif %} "
     "{% endfor %}"
@@ -24,11 +33,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over ``corpus`` (lower-cased words and punctuation)."""
+def build_tokenizer(
+    corpus: list[str], vocab_size: int = 4096, special_tokens: list[str] = SPECIAL_TOKENS
+) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``corpus`` (words and punctuation)."""
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=special_tokens)
     tokenizer.train_from_iterator(corpus + ["USER: ASSISTANT:"], trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
@@ -39,7 +50,10 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 4096) -> PreTrainedToke
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={
+            "image_token": "<image>",
+            **({"video_token": "<video>"} if "<video>" in special_tokens else {}),
+        },
         padding_side="left",
     )
 
@@ -57,5 +71,22 @@ def build_processor(
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_onevision_processor(corpus: list[str], image_size: int = 32, pinpoints=None, vocab_size: int = 128):
+    """A ``LlavaOnevisionProcessor`` (images and videos) for ``toy_models.tiny_llava_onevision``."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    from vtprune.evals.toy_models import ONEVISION_PINPOINTS
+
+    size = {"height": image_size, "width": image_size}
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints or ONEVISION_PINPOINTS),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=build_tokenizer(corpus, vocab_size, VIDEO_SPECIAL_TOKENS),
+        num_image_tokens=(image_size // 8) ** 2,
+        vision_feature_select_strategy="full",
         chat_template=CHAT_TEMPLATE,
     )

@@ -197,7 +197,7 @@ def test_batch_invariance():
 def test_bad_input():
     m = onevision()
     kw = video_inputs()
-    with pytest.raises(ValueError, match="needs a frame scorer"):
+    with pytest.raises(ValueError, match="which needs its processor: pass processor="):
         vtprune.patch(m, "quota", query="q")
     with pytest.raises(ValueError, match="positions='compact'"):
         vtprune.patch(m, "quota", scorer=by_pixels, positions="original")
@@ -292,3 +292,100 @@ def test_stacks_with_an_in_llm_stage():
         m(**video_inputs(seed=6))
         summary = handle.last.summary()
     assert [s["kept"] for s in summary["stages"]] == [[15], [8]]  # 14 resized tokens + newline, then half
+
+
+# -- the patched model as its own scorer and decoupler ------------------------------------------
+
+from vtprune.evals.toy_processor import build_onevision_processor  # noqa: E402
+from vtprune.methods import quota as quota_module  # noqa: E402
+
+QUESTION = "what is the man holding ?"
+
+
+@functools.cache
+def onevision_processor():
+    corpus = [quota_module.ENTITY_PROMPT, quota_module.QUESTION_PROMPT, quota_module.DECOUPLE_TEMPLATE, QUESTION]
+    return build_onevision_processor(corpus)
+
+
+def processed_video(frames=4, seed=0):
+    """A video through the processor: pixels in [0, 1], the chat prompt with its <video> placeholders."""
+    processor = onevision_processor()
+    pictures = torch.rand(frames, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    text = quota_module._user_turn(processor, [{"type": "video"}, {"type": "text", "text": QUESTION}])
+    return dict(processor(text=[text], videos=[pictures], return_tensors="pt", do_rescale=False)), pictures
+
+
+def yes_probability_by_hand(m, picture, prompt):
+    """The unpatched model on one frame as a one-frame video: softmax of the last logits at "A"."""
+    processor = onevision_processor()
+    text = quota_module._user_turn(processor, [{"type": "video"}, {"type": "text", "text": prompt}])
+    inputs = processor(text=[text], videos=[picture[None]], return_tensors="pt", do_rescale=False)
+    with torch.no_grad():
+        logits = m(**inputs).logits[0, -1]
+    return logits.softmax(dim=-1)[processor.tokenizer.convert_tokens_to_ids("A")]
+
+
+def test_the_patched_model_scores_its_own_frames():
+    m = onevision()
+    kw, pictures = processed_video(seed=8)
+    expected = torch.stack([yes_probability_by_hand(m, p, scoring_prompt(QUESTION, None)) for p in pictures])
+    hooks_before = hook_counts(m)
+    with vtprune.patched(m, "quota", processor=onevision_processor(), query=QUESTION, keep_ratio=0.5) as handle:
+        patched_hooks = [list(module._forward_pre_hooks) for module in m.modules()]
+        with torch.no_grad():
+            logits = m(**kw).logits
+        got = torch.tensor(handle.last.extra["yes_probability"][0], dtype=torch.float32)
+        # the self-scoring calls ran unpruned and left every hook where it was
+        assert [list(module._forward_pre_hooks) for module in m.modules()] == patched_hooks
+        tokens = handle.last.extra["frame_tokens"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert hook_counts(m) == hooks_before
+    # the outer forward is the one a stub scorer with the same probabilities gives
+    stub = fixed(*got.tolist())
+    with vtprune.patched(m, "quota", scorer=stub, query=QUESTION, keep_ratio=0.5) as handle, torch.no_grad():
+        torch.testing.assert_close(m(**kw).logits, logits, rtol=0, atol=0)
+        assert handle.last.extra["frame_tokens"] == tokens
+
+
+def test_self_scoring_inside_a_stacked_in_llm_stage_and_generate():
+    m = onevision()
+    kw, _ = processed_video(seed=9)
+    stages = [("quota", {"processor": onevision_processor(), "query": QUESTION, "keep_ratio": 0.5}), "fastv:k=1"]
+    with vtprune.patched(m, stages) as handle, torch.no_grad():
+        logits = m(**kw).logits
+        p = handle.last.extra["yes_probability"][0]
+        kept = [s["kept"] for s in handle.last.summary()["stages"]]
+        generated = m.generate(**kw, max_new_tokens=3, do_sample=False)
+    stages[0] = ("quota", {"scorer": fixed(*p), "query": QUESTION, "keep_ratio": 0.5})
+    with vtprune.patched(m, stages) as handle, torch.no_grad():
+        assert torch.equal(m(**kw).logits, logits)
+        assert [s["kept"] for s in handle.last.summary()["stages"]] == kept
+        assert torch.equal(m.generate(**kw, max_new_tokens=3, do_sample=False), generated)
+
+
+def test_the_patched_model_decouples_the_query():
+    m = onevision()
+    processor = onevision_processor()
+    kw, _ = processed_video(seed=10)
+    template = quota_module.DECOUPLE_TEMPLATE.format(question=QUESTION)
+    text = quota_module._user_turn(processor, [{"type": "text", "text": template}])
+    ids = processor.tokenizer([text], return_tensors="pt")
+    with torch.no_grad():  # what the unpatched model answers, text only
+        out = m.generate(**ids, do_sample=False, max_new_tokens=5)
+    expected = processor.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    options = {"processor": processor, "query": QUESTION, "decouple": True, "decouple_max_new_tokens": 5}
+    with vtprune.patched(m, "quota", **options) as handle, torch.no_grad():
+        answers = []
+        decoupler = handle.methods[0].decoupler
+        handle.methods[0].decoupler = lambda prompt: answers.append(decoupler(prompt)) or answers[-1]
+        m(**kw)
+        assert answers == [expected] and handle.last.extra["decouple_seconds"] > 0
+        # a random model's answer does not parse: scored with the plain question
+        assert handle.last.extra["entities"] == [parse_entities(expected)] == [None]
+
+
+def test_model_scorer_rejects_a_tokenizer_without_the_yes_letter():
+    processor = onevision_processor()
+    with pytest.raises(ValueError, match="no single token for the yes option"):
+        quota_module.ModelScorer(onevision(), processor, yes="Z")

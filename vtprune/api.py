@@ -26,6 +26,8 @@ def patch(model, method, **options) -> PruneHandle:
     adapter = get_adapter(model)(model)
     methods = build_methods(method, options)
     handle = PruneHandle(model=model, methods=methods)
+    for stage in methods:
+        stage.bind(model)
     try:
         adapter.install(handle, methods)
     except BaseException:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from vtprune.engine.flops import decoder_layer_flops, llm_prefill_flops
 from vtprune.engine.in_llm import LLMPrefillResult
@@ -182,6 +184,36 @@ class PruneHandle:
             callback()
         self._on_remove.clear()
         self.removed = True
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Run the model unpruned inside this block: vtprune's hooks are detached, then put back in place.
+
+        For code that calls the patched model from inside one of its own forwards (quota's
+        self-scorer and query decoupler): the inner call must neither prune nor touch the state of
+        the prefill in progress. Hook order on every module is restored exactly; instance-method
+        wrappers stay (they only annotate outputs, or are compatibility shims the model needs).
+        """
+        ours = {hook.id for hook in self.hooks if isinstance(hook, RemovableHandle)}
+        saved = {}  # id(dict) -> (hook dict of a module, its ordered contents)
+        for hook in self.hooks:
+            if isinstance(hook, RemovableHandle):
+                for ref in (hook.hooks_dict_ref, *hook.extra_dict_ref):
+                    table = ref()
+                    if table is not None and id(table) not in saved:
+                        saved[id(table)] = (table, list(table.items()))
+        for table, _ in saved.values():
+            for key in ours & table.keys():
+                del table[key]
+        try:
+            yield self
+        finally:
+            for table, items in saved.values():
+                before = dict(items)
+                added = [(k, v) for k, v in table.items() if k not in before]  # hooks registered meanwhile
+                table.clear()
+                table.update(items)
+                table.update(added)
 
     def set_query(self, text) -> None:
         """Give query-aware methods (quota) the user's question for the next forwards.

@@ -109,6 +109,9 @@ class Method:
     def __init__(self, config: MethodConfig):
         self.config = config
 
+    def bind(self, model) -> None:
+        """Called once by ``vtprune.patch`` with the model being patched (quota scores with it)."""
+
     def vision_probes(self) -> dict[str, tuple[str, int | str]]:
         """Attention rows the adapter computes in the vision tower: name -> (kind, layer).
 

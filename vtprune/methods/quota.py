@@ -26,6 +26,7 @@ Rules, as in the official v1 code:
 from __future__ import annotations
 
 import ast
+import contextlib
 import math
 import re
 import time
@@ -133,6 +134,82 @@ def scoring_prompt(question: str, entities: list[str] | None) -> str:
     return QUESTION_PROMPT.format(question=question)
 
 
+# -- the patched model (or another VLM) as scorer and decoupler ------------------------------------
+
+
+def _suspended(model):
+    """Inside a forward of a vtprune-patched ``model``, call it unpruned (no-op when not patched)."""
+    from vtprune.api import get_handle
+
+    handle = get_handle(model)
+    return handle.suspended() if handle is not None else contextlib.nullcontext()
+
+
+def _user_turn(processor, parts: list[dict]) -> str:
+    messages = [{"role": "user", "content": parts}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+class ModelScorer:
+    """A VLM as QuoTA's frame scorer: one forward per frame, p(yes) = softmax(logits[:, -1])[id of "A"].
+
+    As the official ``frame_retrieve``: each frame alone with the scoring prompt in one chat turn,
+    the probability of the option letter for yes over the whole vocabulary at the last position.
+    ``model`` / ``processor``: any VLM its processor can feed (default: the patched model itself,
+    built by quota from ``processor=``; a patched ``model`` is run with its pruning suspended).
+    Frames arrive normalised as the patched model received them; they are mapped back to [0, 1]
+    with ``source``'s mean and std (default: ``processor``'s video processor, else its image
+    processor: right for the patched model itself; pass the patched model's processor as
+    ``source`` when scoring with another VLM) and handed to ``processor`` with
+    ``do_rescale=False``: as one-frame videos when the processor has a video processor
+    (``as_video``; the frame costs what it costs in the video), else as images (the official
+    scorer, Qwen2-VL-2B, takes each frame as an image).
+    """
+
+    def __init__(self, model, processor, source=None, as_video: bool | None = None, yes: str = "A"):
+        self.model, self.processor = model, processor
+        self.as_video = getattr(processor, "video_processor", None) is not None if as_video is None else as_video
+        source = source if source is not None else processor
+        normaliser = getattr(source, "video_processor", None) or source.image_processor
+        self.mean = torch.tensor(normaliser.image_mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(normaliser.image_std, dtype=torch.float32).view(-1, 1, 1)
+        ids = processor.tokenizer.encode(yes, add_special_tokens=False)
+        if len(ids) != 1 or ids[0] == processor.tokenizer.unk_token_id:
+            raise ValueError(f"quota: the scorer's tokenizer has no single token for the yes option {yes!r}: {ids}")
+        self.yes_id = ids[0]
+
+    @torch.no_grad()
+    def __call__(self, frames: torch.Tensor, prompt: str) -> torch.Tensor:
+        """(n, C, H, W) normalised frames -> (n,) fp32 yes-probabilities."""
+        pictures = (frames.float().cpu() * self.std + self.mean).clamp(0, 1)
+        kind = "video" if self.as_video else "image"
+        text = _user_turn(self.processor, [{"type": kind}, {"type": "text", "text": prompt}])
+        media = {"videos": [p[None] for p in pictures]} if self.as_video else {"images": list(pictures)}
+        inputs = self.processor(
+            text=[text] * len(pictures), **media, return_tensors="pt", padding=True, do_rescale=False
+        )
+        dtype = next(self.model.parameters()).dtype
+        inputs = {k: v.to(self.model.device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+        with _suspended(self.model):
+            logits = self.model(**inputs).logits[:, -1]
+        return logits.float().softmax(dim=-1)[:, self.yes_id]
+
+
+class ModelDecoupler:
+    """A VLM, text only, as QuoTA's CoT query decoupler: greedy generation on the chat-formatted prompt."""
+
+    def __init__(self, model, processor, max_new_tokens: int = 256):
+        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
+
+    @torch.no_grad()
+    def __call__(self, prompt: str) -> str:
+        text = _user_turn(self.processor, [{"type": "text", "text": prompt}])
+        inputs = self.processor.tokenizer([text], return_tensors="pt").to(self.model.device)
+        with _suspended(self.model):
+            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
+        return self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 def _positive_int_or_none(name, value):
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"quota: {name} must be an integer >= 1, got {value!r}")
@@ -153,12 +230,14 @@ class QuotaConfig(MethodConfig):
 
     query: object = None
     scorer: object = None
+    processor: object = None
     budget_tokens: int | None = None
     keep_ratio: float | None = None
     reduce: str = "bilinear"
     decouple: bool = False
     decoupler: object = None
     decouple_template: str = DECOUPLE_TEMPLATE
+    decouple_max_new_tokens: int = 256
     score_batch: int = 64
 
     def __post_init__(self):
@@ -169,19 +248,27 @@ class QuotaConfig(MethodConfig):
             )
         if self.reduce not in REDUCE_MODES:
             raise ValueError(f"quota: reduce must be one of {REDUCE_MODES}, got {self.reduce!r}")
-        if self.scorer is None or not callable(self.scorer):
+        if self.scorer is not None and not callable(self.scorer):
             raise ValueError(
-                "quota needs a frame scorer: pass scorer=callable(frames, prompt_text) -> (num_frames,) "
-                "yes-probabilities (e.g. a small VLM's probability of the option letter for yes)"
+                "quota: scorer must be callable(frames, prompt_text) -> (num_frames,) yes-probabilities, "
+                f"got {type(self.scorer).__name__}"
             )
-        if self.decouple and not callable(self.decoupler):
-            raise ValueError("quota: decouple=True needs decoupler=callable(prompt_text) -> generated text")
+        if self.decoupler is not None and not callable(self.decoupler):
+            raise ValueError("quota: decoupler must be callable(prompt_text) -> generated text")
+        needs_model = self.scorer is None or (self.decouple and self.decoupler is None)
+        if needs_model and self.processor is None:
+            raise ValueError(
+                "quota scores frames (and decouples queries) with the patched model itself by default, which needs "
+                "its processor: pass processor=<the model's processor>, or scorer=callable(frames, prompt_text) "
+                "(e.g. vtprune.methods.quota.ModelScorer(small_vlm, its_processor))"
+            )
         if "{question}" not in str(self.decouple_template):
             raise ValueError("quota: decouple_template must contain '{question}'")
         if self.budget_tokens is not None and self.keep_ratio is not None:
             raise ValueError("quota: give budget_tokens or keep_ratio, not both")
         _positive_int_or_none("budget_tokens", self.budget_tokens)
         _positive_int_or_none("score_batch", self.score_batch)
+        _positive_int_or_none("decouple_max_new_tokens", self.decouple_max_new_tokens)
         if self.keep_ratio is not None and not (0.0 < float(self.keep_ratio) <= 1.0):
             raise ValueError(f"quota: keep_ratio must be in (0, 1], got {self.keep_ratio}")
 
@@ -223,6 +310,18 @@ class Quota(Method):
     config_class = QuotaConfig
     paper = "QuoTA: Query-oriented Token Assignment via CoT Query Decouple (arXiv 2503.08689)"
     replaces_features = True  # the adapter must write resized frames, not only drop columns
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.scorer, self.decoupler = config.scorer, config.decoupler
+
+    def bind(self, model) -> None:
+        """The patched model scores its own frames (and decouples queries) unless callables were given."""
+        config = self.config
+        if self.scorer is None:
+            self.scorer = ModelScorer(model, config.processor)
+        if config.decouple and self.decoupler is None:
+            self.decoupler = ModelDecoupler(model, config.processor, config.decouple_max_new_tokens)
 
     def keeps_everything(self, layout=None) -> bool:
         return False
@@ -266,7 +365,7 @@ class Quota(Method):
             return None, 0.0
         start = time.perf_counter()
         try:
-            output = self.config.decoupler(self.config.decouple_template.format(question=question))
+            output = self.decoupler(self.config.decouple_template.format(question=question))
             entities = parse_entities(output)
         except Exception as error:  # decoupling is an optional refinement: fall back to the question
             warnings.warn(f"quota: query decoupling failed ({error!r}); scoring with the plain question", stacklevel=2)
@@ -278,7 +377,7 @@ class Quota(Method):
         parts = []
         for first in range(0, frames.shape[0], self.config.score_batch):
             chunk = frames[first : first + self.config.score_batch]
-            p = torch.as_tensor(self.config.scorer(chunk, prompt)).detach().double().cpu().flatten()
+            p = torch.as_tensor(self.scorer(chunk, prompt)).detach().double().cpu().flatten()
             if p.numel() != chunk.shape[0]:
                 raise ValueError(f"quota: the scorer returned {p.numel()} probabilities for {chunk.shape[0]} frames")
             parts.append(p)
