@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,42 @@ from vtprune.patches.llava_next import ANYRES_ATTRIBUTE, AnyResImage, LlavaNextA
 
 VIDEO_ATTRIBUTE = "_vtprune_video"  # set on get_video_features' output while patched
 NEWLINE = -1.0e6  # marker value of newline columns in the coordinate packing
+
+
+@dataclass
+class FrameSet:
+    """Frames that share one QuoTA budget (a video, or one sample's images), and where they sit.
+
+    pixels: (F, C, H, W) as the model received them; starts: each frame's first column among the
+    batch's columns of its kind; grid: (h, w) of a frame's tokens. shared_fill: the resized frames
+    fill the set's columns from its first one, in order (a video), else each frame fills its own
+    (an image). closing: the newline columns kept with the set (a video: always) or with each
+    frame (an image: while it keeps tokens; None where there is none). cap: most tokens per frame.
+    """
+
+    pixels: torch.Tensor
+    starts: list[int]
+    grid: tuple[int, int]
+    shared_fill: bool
+    closing: list[int | None]
+    cap: int | None = None
+    what: str = "video's"
+
+    @property
+    def frame_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def fill(self, sizes: list[int]) -> list[tuple[int, int]]:
+        """(first column, count) runs that the resized frames of ``sizes`` tokens overwrite."""
+        if self.shared_fill:
+            return [(self.starts[0], sum(sizes))]
+        return [(first, n) for first, n in zip(self.starts, sizes, strict=True) if n]
+
+    def kept_columns(self, sizes: list[int]) -> list[int]:
+        """The newline columns that stay."""
+        if self.shared_fill:
+            return [c for c in self.closing if c is not None]
+        return [c for c, n in zip(self.closing, sizes, strict=True) if c is not None and n]
 
 
 @register_adapter
@@ -110,37 +147,51 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return select
 
     def _quota_selector(self, method):
-        """QuoTA on video prompts: per video, the method's :class:`FramePlan` replaces the frame tokens.
+        """QuoTA: per frame set (a video, or one sample's images), the method's :class:`FramePlan`
+        replaces the frame tokens.
 
-        A video's columns are its frames' pooled grids, then one newline. The kept frames' resized
-        grids (sum h * w <= frames * P tokens) fill the video's first columns, in order; the rest of
-        the frame columns are dropped; the trailing newline is kept as it is.
+        Video: its columns are its frames' pooled grids, then one newline. The kept frames' resized
+        grids (sum h * w <= frames * P tokens) fill the video's first columns, in order; the other
+        frame columns are dropped; the trailing newline is kept as it is.
+        Images: each image is a frame whose grid is its base (thumbnail) view, side x side tokens:
+        an image's resized grid fills its own first columns (so it is capped at side² tokens), its
+        AnyRes crop canvas is dropped (a frame has no crops), and the newline that closes a base-only
+        image of a multi-image prompt is kept with the image and dropped with it.
         """
         frame = self.frame_layout()
 
         def select(pending, device):
             context = pending.context
-            if "images" in context:
+            if "images" in context and "video" in context:
                 raise NotImplementedError(
-                    "quota on LLaVA-OneVision handles video prompts only; images (single or multi-image) are not "
-                    "supported yet"
+                    "quota on LLaVA-OneVision takes a video prompt or an image prompt (images as frames), not both "
+                    "in one batch; run them separately"
                 )
-            video = context["video"]
-            videos, frames = video["shape"]
-            tokens = frames * frame.num_tokens
-            video_mask = context["masks"]["video"].to(device)
-            embeds = pending.inputs_embeds
-            columns = embeds[video_mask].view(videos, tokens + 1, embeds.shape[-1])
-            queries = method.queries(videos)
-            keeps, values, plans = [], [], []
-            for v in range(videos):  # a few videos per batch
+            kind = "video" if "video" in context else "image"
+            kind_mask = context["masks"][kind].to(device)
+            columns = pending.inputs_embeds[kind_mask]  # (this kind's columns in the batch, D)
+            if kind == "video":
+                sets = self._video_frame_sets(context["video"], frame)
+            else:
+                sets = self._image_frame_sets(context, kind_mask)
+            keep = torch.zeros(columns.shape[0], dtype=torch.bool, device=device)
+            replace = torch.zeros_like(keep)
+            values, plans = [], []
+            for frame_set, question in zip(sets, method.queries(len(sets)), strict=True):  # a few per batch
+                features = torch.stack([columns[a : a + frame_set.frame_tokens] for a in frame_set.starts])
                 plan = method.plan_video(
-                    video["pixels"][v], columns[v, :tokens].view(frames, *frame.grid, -1), queries[v]
+                    frame_set.pixels,
+                    features.view(len(frame_set.starts), *frame_set.grid, -1),
+                    question,
+                    cap=frame_set.cap,
+                    what=frame_set.what,
                 )
                 plans.append(plan)
-                kept = plan.features.shape[0]
-                keeps.append(torch.arange(tokens + 1, device=device) < kept)
+                for first, count in frame_set.fill(plan.frame_sizes):
+                    replace[first : first + count] = True
+                keep[frame_set.kept_columns(plan.frame_sizes)] = True
                 values.append(plan.features)
+            keep |= replace
             stats = {
                 "scoring_seconds": sum(p.scoring_seconds for p in plans),
                 "decouple_seconds": sum(p.decouple_seconds for p in plans),
@@ -149,17 +200,60 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 "yes_probability": [p.yes_probability for p in plans],
                 "entities": [p.entities for p in plans],
             }
-            if all(grid == frame.grid for p in plans for grid in p.grids):
+            if bool(keep.all()) and all(grid == s.grid for s, p in zip(sets, plans) for grid in p.grids):
                 return TokenSelection(None, stats=stats)  # every frame as it is: bit-identical
-            replace = torch.cat(keeps)
-            keep = replace.clone()
-            keep.view(videos, tokens + 1)[:, -1] = True  # the trailing newline
             visual = pending.image_token_mask.to(device)
-            full_keep = torch.zeros_like(visual).masked_scatter(video_mask, keep)[visual]
-            full_replace = torch.zeros_like(visual).masked_scatter(video_mask, replace)[visual]
+            full_keep = torch.zeros_like(visual).masked_scatter(kind_mask, keep)[visual]
+            full_replace = torch.zeros_like(visual).masked_scatter(kind_mask, replace)[visual]
             return TokenSelection(full_keep, full_replace, torch.cat(values), stats)
 
         return select
+
+    @staticmethod
+    def _video_frame_sets(video, frame: VisualLayout) -> list:
+        videos, frames = video["shape"]
+        span = frames * frame.num_tokens + 1  # the frames, then the newline
+        return [
+            FrameSet(
+                video["pixels"][v],
+                starts=[v * span + f * frame.num_tokens for f in range(frames)],
+                grid=frame.grid,
+                shared_fill=True,
+                closing=[v * span + span - 1],
+                what="video's",
+            )
+            for v in range(videos)
+        ]
+
+    def _image_frame_sets(self, context, image_mask) -> list:
+        """One frame set per sample: its images, each a frame of side x side base tokens."""
+        side = self.side
+        images, pixels = context["images"], context["image_pixels"]
+        spans = [image.token_map.shape[0] for image in images]
+        per_sample = image_mask.sum(dim=1).tolist()
+        sets, image, first = [], 0, 0
+        for columns in per_sample:  # a few samples
+            starts, closing = [], []
+            while columns > 0:
+                starts.append(first)
+                multi_image_newline = spans[image] == side * side + 1
+                closing.append(first + side * side if multi_image_newline else None)
+                columns -= spans[image]
+                first += spans[image]
+                image += 1
+            if starts:
+                sets.append(
+                    FrameSet(
+                        pixels[image - len(starts) : image],
+                        starts,
+                        (side, side),
+                        shared_fill=False,
+                        closing=closing,
+                        cap=side * side,
+                        what="images'",
+                    )
+                )
+        return sets
 
     @staticmethod
     def _select_video(method, video, frame: VisualLayout, device) -> torch.Tensor:
@@ -230,9 +324,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 output = get_image_features(*args, **kwargs)
                 image_sizes = kwargs["image_sizes"] if "image_sizes" in kwargs else args[1]
                 ratio = kwargs.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+                pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
                 info = {
                     "images": self.packing_map(image_sizes, kwargs.get("batch_num_images"), ratio),
                     "image_scores": getattr(output, SCORES_ATTRIBUTE, None) or {},
+                    "image_pixels": pixels[:, 0],  # each image's base (thumbnail) view: quota's frames
                 }
                 setattr(output, ANYRES_ATTRIBUTE, info)
                 if pruner.pending is not None and "images" not in pruner.pending.context:

@@ -273,18 +273,6 @@ def test_query_decoupling_and_its_fallback():
     assert scorer.calls[0][1].startswith("Q?\nDoes the image contain sufficient information")
 
 
-def test_image_prompts_are_refused_with_a_clear_error():
-    from test_llava_onevision import image_inputs
-
-    m = onevision()
-    with (
-        vtprune.patched(m, "quota", scorer=by_pixels, query="q"),
-        torch.no_grad(),
-        pytest.raises(NotImplementedError, match="video prompts only"),
-    ):
-        m(**image_inputs([60, 40]))
-
-
 def test_stacks_with_an_in_llm_stage():
     m = onevision()
     stages = [("quota", {"scorer": fixed(0.9, 0.5, 0.1, 0.0), "query": "q"}), ("fastv", {"k": 1, "ratio": 0.5})]
@@ -389,3 +377,113 @@ def test_model_scorer_rejects_a_tokenizer_without_the_yes_letter():
     processor = onevision_processor()
     with pytest.raises(ValueError, match="no single token for the yes option"):
         quota_module.ModelScorer(onevision(), processor, yes="Z")
+
+
+# -- images as frames ------------------------------------------------------------------------------
+
+from vtprune.evals.toy_models import IMAGE_TOKEN_ID  # noqa: E402
+
+
+def processed_images(sizes, seed=0):
+    """One prompt with ``len(sizes)`` images of (height, width) pixels, through the processor."""
+    generator = torch.Generator().manual_seed(seed)
+    pictures = [torch.rand(3, h, w, generator=generator) for h, w in sizes]
+    parts = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": QUESTION}]
+    text = quota_module._user_turn(onevision_processor(), parts)
+    return dict(onevision_processor()(text=[text], images=[pictures], return_tensors="pt", do_rescale=False))
+
+
+def up(frame, size):
+    return F.interpolate(frame.permute(2, 0, 1)[None], size=size, mode="bilinear")[0].permute(1, 2, 0)
+
+
+def test_a_single_image_is_one_frame_its_base_view_resized_and_its_crops_dropped():
+    m = onevision()
+    kw = processed_images([(60, 40)], seed=1)
+    x = merged(m, kw)
+    columns = (kw["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[:, 0]
+    first, last = int(columns[0]), int(columns[-1])
+    assert last - first + 1 > 16  # base view plus a crop canvas
+    # one frame gets the whole budget: T = round(0.5 * 16) = 8 -> grid (3, 2) of the 4 x 4 base view
+    expected = torch.cat([x[:first], up(x[first : first + 16].view(4, 4, -1), (3, 2)).reshape(6, -1), x[last + 1 :]])
+    scorer = fixed(0.3)
+    with vtprune.patched(m, "quota", scorer=scorer, query=QUESTION, keep_ratio=0.5) as handle, torch.no_grad():
+        logits = m(**kw).logits
+        assert handle.last.extra["frame_tokens"] == [[8]] and handle.last.extra["frame_grids"] == [[(3, 2)]]
+        assert handle.last.visual_tokens_kept == [6]
+    torch.testing.assert_close(logits, llm_logits(m, expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "p, tokens, grids",
+    [
+        # T = 32 (two 4 x 4 base views): the first image's 32 are capped at its own 16 placeholders
+        ((0.9, 0.0), [16, 0], [(4, 4), None]),
+        ((0.9, 0.5), [12, 3], [(4, 3), (2, 1)]),  # keep_ratio 0.5: T = 16 -> int(12.2), int(3.8)
+    ],
+)
+def test_multi_image_prompts_treat_images_as_frames(p, tokens, grids):
+    m = onevision()
+    kw = processed_images([(32, 32), (40, 56)], seed=2)
+    assert kw["batch_num_images"].tolist() == [2]
+    x = merged(m, kw)
+    columns = (kw["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[:, 0].tolist()
+    assert len(columns) == 2 * 17  # each image: its base view, then a newline
+    parts, end = [], 0
+    for image, grid in enumerate(grids):
+        first = columns[17 * image]
+        parts.append(x[end:first])
+        if grid is not None:
+            base = x[first : first + 16].view(4, 4, -1)
+            parts += [(base if grid == (4, 4) else up(base, grid)).reshape(-1, base.shape[-1]), x[first + 16][None]]
+        end = first + 17
+    expected = torch.cat([*parts, x[end:]])
+    options = {"keep_ratio": 0.5} if tokens == [12, 3] else {}
+    scorer = fixed(*p)
+    with vtprune.patched(m, "quota", scorer=scorer, query=QUESTION, **options) as handle, torch.no_grad():
+        logits = m(**kw).logits
+        assert handle.last.extra["frame_tokens"] == [tokens] and handle.last.extra["frame_grids"] == [grids]
+    torch.testing.assert_close(logits, llm_logits(m, expected), rtol=1e-5, atol=1e-5)
+    assert scorer.calls == [(2, scoring_prompt(QUESTION, None))]
+
+
+def test_image_frames_are_the_base_views_and_each_prompt_of_a_batch_is_its_own_frame_set():
+    m = onevision()
+    seen = []
+
+    def scorer(frames, prompt):
+        seen.append(frames.clone())
+        return torch.full((frames.shape[0],), 0.5)
+
+    kw = processed_images([(60, 40)], seed=3)
+    with vtprune.patched(m, "quota", scorer=scorer, query=[QUESTION], keep_ratio=0.25), torch.no_grad():
+        m(**kw)
+    assert torch.equal(seen[0], kw["pixel_values"][:, 0])
+    # a batch of two one-image prompts: two frame sets, each as alone
+    processor, generator = onevision_processor(), torch.Generator().manual_seed(4)
+    pictures = [torch.rand(3, 60, 40, generator=generator), torch.rand(3, 32, 32, generator=generator)]
+    text = quota_module._user_turn(processor, [{"type": "image"}, {"type": "text", "text": QUESTION}])
+    with vtprune.patched(m, "quota", scorer=by_pixels, query=QUESTION, keep_ratio=0.25) as handle, torch.no_grad():
+        alone = []
+        for picture in pictures:
+            one = processor(text=[text], images=[[picture]], return_tensors="pt", do_rescale=False)
+            alone.append((m(**one).logits[0, -1], handle.last.extra["frame_grids"][0]))
+        both = processor(
+            text=[text] * 2, images=[[p] for p in pictures], return_tensors="pt", do_rescale=False, padding=True
+        )
+        batch = m(**both).logits[:, -1]
+        assert handle.last.extra["frame_grids"] == [grids for _, grids in alone]
+    torch.testing.assert_close(batch, torch.stack([logits for logits, _ in alone]), rtol=1e-4, atol=1e-5)
+    with (
+        vtprune.patched(m, "quota", scorer=by_pixels, query=QUESTION, keep_ratio=0.25),
+        torch.no_grad(),
+        pytest.raises(NotImplementedError, match="not both in one batch"),
+    ):
+        m(**both_kinds())
+
+
+def both_kinds():
+    parts = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": QUESTION}]
+    text = quota_module._user_turn(onevision_processor(), parts)
+    media = {"images": [torch.rand(3, 32, 32)], "videos": [torch.rand(2, 3, 32, 32)]}
+    return dict(onevision_processor()(text=[text], **media, return_tensors="pt", do_rescale=False))

@@ -4,14 +4,21 @@ Paper: "QuoTA: Query-oriented Token Assignment via CoT Query Decouple for Long V
 Comprehension" (arXiv 2503.08689); official code MAC-AutoML/QuoTA (``core/llava_arch.py``
 ``token_compress`` version v1, ``quota_pipeline.py``).
 
-Usage (LLaVA-OneVision video prompts; see :class:`Quota` and evals/README_VIDEO.md)::
+Usage::
 
-    handle = vtprune.patch(model, "quota", scorer=my_scorer, query="What is the man holding?")
+    handle = vtprune.patch(model, "quota", processor=processor, query="What is the man holding?", keep_ratio=0.25)
     handle.set_query("another question")  # before the next forward
 
-The scorer is ``scorer(frames, prompt_text) -> (num_frames,)`` yes-probabilities; a one-frame
-video is one frame (it gets the whole budget). Image prompts (a single image as one frame,
-multi-image prompts with images as frames) and Qwen2-VL are not supported yet: they raise.
+By default the patched model scores its own frames (:class:`ModelScorer`, run with the pruning
+suspended) and, with ``decouple=True``, decouples the query itself (:class:`ModelDecoupler`);
+both need the model's ``processor``. ``scorer=`` / ``decoupler=`` take any callables instead
+(``scorer(frames, prompt_text) -> (num_frames,)`` yes-probabilities), e.g. a smaller VLM:
+``scorer=ModelScorer(small_vlm, small_processor, source=processor)``.
+
+Frames: the frames of a video; a one-frame video is one frame (it gets the whole budget). In an
+image prompt the images of a sample play the frames (one image: one frame, which only resizes
+it to the budget); an image's frame is its base (thumbnail) view, its AnyRes crops are dropped,
+and it cannot grow past its own placeholders (a per-frame cap, as QuoTA's non-v1 versions have).
 
 Rules, as in the official v1 code:
 - weights: w_i = (100 p_i)^2, normalised to sum to 1 (``weight_scale=[100, 2]``);
@@ -285,6 +292,11 @@ class FramePlan:
     scoring_seconds: float
     decouple_seconds: float
 
+    @property
+    def frame_sizes(self) -> list[int]:
+        """Tokens each frame brings after resizing: h * w, 0 when dropped."""
+        return [grid[0] * grid[1] if grid else 0 for grid in self.grids]
+
 
 @register_method
 class Quota(Method):
@@ -294,16 +306,19 @@ class Quota(Method):
     the two scoring prompts, yes-probability of option "A"), ``core/llava_arch.py``
     ``token_compress`` v1 (w_i = (100 p_i)^2 normalised, int(T w_i) tokens, frames with 0 dropped,
     floor-sqrt grid, bilinear ``F.interpolate`` with no per-frame cap; "pool" / "uniform" are the
-    v2 / v3 reductions). Differences: the scorer is any callable (official: Qwen2-VL-2B); the
-    decoupler is a callable, its default template paraphrases the official 3-step prompt with one
-    example (official: three), and its list is read with ``ast.literal_eval``; unparseable output falls
-    back to the question prompt. Layout follows the patched model, not ``add_token_per_grid_prune``:
-    transformers' LLaVA-OneVision closes a video with one newline (kept), so no per-row newlines
-    are added. The total budget cannot exceed the unpruned frame tokens (the prompt's placeholders
-    fix the sequence; the resized tokens fill the first placeholders of the video, in order).
+    v2 / v3 reductions). Differences: the scorer defaults to the patched model itself, each frame
+    as a one-frame video (official: a separate Qwen2-VL-2B, each frame as an image; any callable or
+    :class:`ModelScorer` can be passed); the decoupler defaults to the patched model, greedy, 256
+    new tokens (official: the LVLM, 4096), its default template paraphrases the official 3-step
+    prompt with one example (official: three), and its list is read with ``ast.literal_eval``;
+    unparseable output falls back to the question prompt. Layout follows the patched model, not
+    ``add_token_per_grid_prune``: transformers' LLaVA-OneVision closes a video with one newline
+    (kept), so no per-row newlines are added. The total budget cannot exceed the unpruned frame
+    tokens (the prompt's placeholders fix the sequence; the resized tokens fill the first
+    placeholders of the video, in order).
     The question reaches the method through ``query=`` or ``handle.set_query(text)``.
-    Supported: LLaVA-OneVision video prompts (frames = the pooled per-frame grids); image prompts
-    raise NotImplementedError, other adapters refuse the method at patch time.
+    Supported: LLaVA-OneVision video prompts (frames = the pooled per-frame grids) and image prompts
+    (images as frames, see the module docstring); other adapters refuse the method at patch time.
     """
 
     name = "quota"
@@ -345,7 +360,7 @@ class Quota(Method):
                 )
         return queries
 
-    def total_budget(self, unpruned: int) -> int:
+    def total_budget(self, unpruned: int, frames: str = "video's") -> int:
         config = self.config
         if config.budget_tokens is not None:
             total = int(config.budget_tokens)
@@ -355,7 +370,7 @@ class Quota(Method):
             total = unpruned
         if total > unpruned:
             raise ValueError(
-                f"quota: budget_tokens={total} exceeds the video's {unpruned} unpruned frame tokens; the prompt's "
+                f"quota: budget_tokens={total} exceeds the {frames} {unpruned} unpruned frame tokens; the prompt's "
                 f"placeholders fix the sequence, so use budget_tokens <= {unpruned}"
             )
         return total
@@ -383,8 +398,14 @@ class Quota(Method):
             parts.append(p)
         return torch.cat(parts)
 
-    def plan_video(self, frames: torch.Tensor, features: torch.Tensor, question: str) -> FramePlan:
-        """frames: (F, ...) pixels; features: (F, H, W, D) the frames' visual tokens -> :class:`FramePlan`."""
+    def plan_video(
+        self, frames: torch.Tensor, features: torch.Tensor, question: str, cap: int | None = None, what="video's"
+    ) -> FramePlan:
+        """frames: (F, ...) pixels; features: (F, H, W, D) the frames' visual tokens -> :class:`FramePlan`.
+
+        cap: at most this many tokens per frame (images, which cannot grow past their own placeholders;
+        the excess is not redistributed). what: the frames' owner, for error messages.
+        """
         num_frames, height, width, _ = features.shape
         if frames.shape[0] != num_frames:
             raise ValueError(f"quota: {frames.shape[0]} frames but {num_frames} frame feature grids")
@@ -392,7 +413,8 @@ class Quota(Method):
         start = time.perf_counter()
         p = self.score_frames(frames, scoring_prompt(question, entities))
         scoring_seconds = time.perf_counter() - start
-        tokens = frame_budgets(p, self.total_budget(num_frames * height * width)).tolist()
+        tokens = frame_budgets(p, self.total_budget(num_frames * height * width, what))
+        tokens = (tokens if cap is None else tokens.clamp(max=cap)).tolist()
         if not any(tokens):
             raise ValueError(
                 f"quota: the budget gives every frame 0 tokens (int(T * w_i) = 0 for all {num_frames} frames); "
