@@ -255,10 +255,28 @@ class VTPruneLMM(lmms):
         if method is not None:
             import vtprune
 
-            self.handle = vtprune.patch(self.hf_model, method, **self.options)
+            self.handle = vtprune.patch(self.hf_model, method, **self._model_defaults(method, self.options))
         else:
             self._runtime = _runtime_patches(self.hf_model)
         self.label = ModelArgs(self.args.base, {}, method, self.options).label
+
+    def _model_defaults(self, method: str, options: dict) -> dict:
+        """A one-stage query-aware method (quota) scores with the wrapped model: give it the base's processor."""
+        stages = parse_spec(method)
+        fields = get_method(stages[0][0]).config_class.__dataclass_fields__ if len(stages) == 1 else {}
+        given = {**stages[0][1], **options} if len(stages) == 1 else options
+        if "processor" in fields and not {"processor", "scorer"} & set(given):
+            processor = getattr(self._base, "_image_processor", None) or getattr(self._base, "processor", None)
+            if processor is not None:
+                return {**options, "processor": processor}
+        return options
+
+    def _set_query(self, request) -> None:
+        """Query-aware methods get each request's prompt as the question, unless query= was given."""
+        if self.handle is None or "query" in self.options:
+            return
+        if any(hasattr(stage.config, "query") for stage in self.handle.methods):
+            self.handle.set_query(str(request.args[0]))
 
     def _remove_runtime_patches(self) -> None:
         for patch in reversed(self._runtime):
@@ -316,6 +334,7 @@ class VTPruneLMM(lmms):
         before = self.handle.last if self.handle is not None else None
         self.probe.take()
         self.probe.keep_pixels = len(self.examples) < self.keep_examples
+        self._set_query(request)
         failure = None
         try:
             with _without_progress_bars():

@@ -207,3 +207,24 @@ def test_a_key_both_take_goes_to_the_base_and_the_spec_reaches_the_method():
         args = parse_model_args({"method": "random:seed=3,keep_tokens=2", "seed": 7}, "some_base", {"seed"})
     assert args.base_kwargs == {"seed": 7}
     assert args.options == {"seed": 3, "keep_tokens": 2}
+
+
+def test_quota_gets_the_base_processor_and_each_request_as_its_query():
+    from types import SimpleNamespace
+
+    from vtprune.evals.lmms_plugin import VTPruneLMM
+
+    processor = object()
+    wrapper = SimpleNamespace(_base=SimpleNamespace(_image_processor=processor), options={}, handle=None)
+    defaults = VTPruneLMM._model_defaults
+    assert defaults(wrapper, "quota", {"keep_ratio": 0.5}) == {"keep_ratio": 0.5, "processor": processor}
+    assert defaults(wrapper, "quota:scorer=x", {}) == {}  # a scorer of the user's own: left alone
+    assert defaults(wrapper, "fastervlm", {"keep_ratio": 0.5}) == {"keep_ratio": 0.5}
+    queries = []
+    quota = SimpleNamespace(config=SimpleNamespace(query=None))
+    wrapper.handle = SimpleNamespace(methods=[quota], set_query=queries.append)
+    request = SimpleNamespace(args=("What colour is the square?", {}))
+    VTPruneLMM._set_query(wrapper, request)
+    wrapper.options = {"query": "fixed"}
+    VTPruneLMM._set_query(wrapper, request)
+    assert queries == ["What colour is the square?"]
