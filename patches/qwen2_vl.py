@@ -34,6 +34,14 @@ What this adapter does (hooks and instance-method wrappers on this model only, a
   those positions; nothing downstream sees it, so it stays as the user passed it.
 - in-LLM methods (fastv, pdrop): :class:`Qwen2VLBackbone` gives the engine the M-RoPE rotary
   embedding and hands the decoder layers the text row, as ``Qwen2VLTextModel`` does.
+- quota (QuoTA, :meth:`Qwen2VLAdapter._quota_selector`): every video and every image is a frame
+  set with its own budget (an image: one frame); a frame is one temporal slice, (h/2, w/2) tokens,
+  and the scorer sees its pixels (the first frame of each temporal pair, :func:`frames_from_patches`).
+  The kept frames' resized grids fill the item's first placeholders, the rest are dropped, and
+  the engine writes their M-RoPE positions (frame i, grid (h', w'): (s + i, s + r, s + c), s the
+  item's first value) and moves the text after the item to s + its larger new side, as
+  ``get_rope_index`` would; "compact" then closes the unused values. ``rope_deltas`` stay the
+  unpruned prompt's (also when the scorer runs this model itself).
 
 ``handle.last`` counts visual tokens (image and video) in order of appearance.
 """
@@ -45,6 +53,7 @@ import functools
 import torch
 
 from vtprune.engine.in_llm import InLLMPruner
+from vtprune.engine.pre_llm import TokenSelection
 from vtprune.engine.probe import received_attention
 from vtprune.methods.base import BudgetConfig, VisualLayout
 from vtprune.patches import InstanceMethodPatch, register_adapter
@@ -106,6 +115,7 @@ class Qwen2VLAdapter(LlavaAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
+    supports_feature_replacement = True  # quota: frames replaced by their resized grids
 
     def __init__(self, model):
         self.model = model
@@ -148,6 +158,8 @@ class Qwen2VLAdapter(LlavaAdapter):
 
     # -- wiring ---------------------------------------------------------------------------
     def token_selector(self, method, layout):
+        if getattr(method, "replaces_features", False):
+            return self._quota_selector(method)
         if method.multi_crop_only:
             raise ValueError(
                 f"method {method.name!r} splits a budget across the crops of AnyRes images; Qwen2-VL has no crops "
@@ -178,6 +190,72 @@ class Qwen2VLAdapter(LlavaAdapter):
             for kind, kind_keep in keeps.items():
                 keep = keep.masked_scatter(masks[kind].to(device), kind_keep)
             return keep[pending.image_token_mask.to(device)]
+
+        return select
+
+    def _quota_selector(self, method):
+        """QuoTA: per video (and per image, a one-frame video), the method's :class:`FramePlan`
+        replaces the frame tokens, and the resized frames bring their M-RoPE positions.
+
+        An item with grid (t, h, w) has t frames of (h/2, w/2) tokens; its budget T is its own
+        (t * h/2 * w/2 unpruned tokens, or ``keep_ratio`` / ``budget_tokens`` of them). The kept
+        frames' resized grids fill the item's first columns, in order; its other columns are
+        dropped. Frame i (its temporal index in the item) with resized grid (h', w') gets the
+        positions (s + i, s + r, s + c), r < h', c < w', s = the item's first position value (as
+        ``get_rope_index`` numbers an item). The question is one per sample (``query``).
+        """
+        merge = self.merge
+        vision = self.config.vision_config
+        patch_shape = (vision.in_channels, vision.patch_size, merge, vision.temporal_patch_size)
+
+        def select(pending, device):
+            context, embeds, positions = pending.context, pending.inputs_embeds, pending.position_ids
+            if positions is None or positions.dim() != 3:
+                raise NotImplementedError("quota on Qwen2-VL needs the model's M-RoPE position ids (3 or 4 rows)")
+            starts = positions[-3:][0].expand(embeds.shape[:2]).reshape(-1)  # (B * L,) s at an item's first column
+            questions = method.queries(embeds.shape[0])
+            rope_deltas = self.base.rope_deltas  # a scorer that runs this model (suspended) resets them
+            items = []  # (first flat column, its flat columns, FramePlan, native frame grid)
+            for kind in KINDS:  # a few images / videos per batch
+                info = context.get(kind)
+                if info is None:
+                    continue
+                mask = context["masks"][kind].to(device)
+                columns = mask.flatten().nonzero().flatten()  # (N,) flat (B * L) index of this kind's columns
+                features = embeds[mask]  # (N, D), items in order
+                counts = [t * (h // merge) * (w // merge) for t, h, w in info["grids"]]
+                firsts = torch.tensor([0, *counts[:-1]]).cumsum(0)
+                first_patch = 0
+                for (t, h, w), count, first, column in zip(
+                    info["grids"], counts, firsts.tolist(), columns[firsts.to(device)].tolist(), strict=True
+                ):
+                    frames = frames_from_patches(
+                        info["pixels"][first_patch : first_patch + t * h * w], (t, h, w), *patch_shape
+                    )
+                    first_patch += t * h * w
+                    grid = features[first : first + count].view(t, h // merge, w // merge, -1)
+                    plan = method.plan_video(frames, grid, questions[column // embeds.shape[1]])
+                    items.append((column, columns[first : first + count], plan, (h // merge, w // merge)))
+            self.base.rope_deltas = rope_deltas
+            items.sort(key=lambda item: item[0])  # values and positions in column order
+            plans = [plan for _, _, plan, _ in items]
+            stats = {
+                "scoring_seconds": sum(p.scoring_seconds for p in plans),
+                "decouple_seconds": sum(p.decouple_seconds for p in plans),
+                "frame_tokens": [p.tokens for p in plans],
+                "frame_grids": [p.grids for p in plans],
+                "yes_probability": [p.yes_probability for p in plans],
+                "entities": [p.entities for p in plans],
+            }
+            if all(grid == native for _, _, p, native in items for grid in p.grids):
+                return TokenSelection(None, stats=stats)  # every frame as it is: bit-identical
+            replaced = [columns[: plan.features.shape[0]] for _, columns, plan, _ in items]
+            rows = [frame_positions(plan.grids, starts[column]) for column, _, plan, _ in items]
+            replace = torch.zeros_like(starts, dtype=torch.bool)
+            replace[torch.cat(replaced)] = True
+            replace = replace.view_as(pending.image_token_mask)[pending.image_token_mask.to(device)]
+            values = torch.cat([plan.features for plan in plans])
+            return TokenSelection(replace, replace, values, positions=torch.cat(rows, dim=1), stats=stats)
 
         return select
 
@@ -257,6 +335,7 @@ class Qwen2VLAdapter(LlavaAdapter):
 
     def _with_visual_info(self, pruner, kind, collected):
         grid_name = f"{kind}_grid_thw"
+        pixel_name = "pixel_values" if kind == "image" else "pixel_values_videos"
 
         def make_wrapper(get_features):
             @functools.wraps(get_features)  # generate() reads its signature
@@ -264,7 +343,8 @@ class Qwen2VLAdapter(LlavaAdapter):
                 collected.clear()
                 output = get_features(*args, **kwargs)
                 grids = kwargs[grid_name] if grid_name in kwargs else args[1]
-                info = {"grids": torch.as_tensor(grids).tolist(), "scores": dict(collected)}
+                pixels = kwargs[pixel_name] if pixel_name in kwargs else args[0]
+                info = {"grids": torch.as_tensor(grids).tolist(), "scores": dict(collected), "pixels": pixels}
                 collected.clear()
                 setattr(output, VISUAL_ATTRIBUTE, info)
                 if pruner.pending is not None and kind not in pruner.pending.context:
@@ -309,6 +389,37 @@ class Qwen2VLAdapter(LlavaAdapter):
                 attention.register_forward_hook(score),
             ]
         return hooks
+
+
+def frames_from_patches(
+    patches: torch.Tensor, grid: tuple[int, int, int], channels: int, patch: int, merge: int, temporal: int
+) -> torch.Tensor:
+    """Undo the Qwen2-VL processor's patch flattening for one image / video: its frames as images.
+
+    patches: (t * h * w, C * temporal * patch * patch), the rows of ``pixel_values`` /
+    ``pixel_values_videos`` for one (t, h, w) patch grid, in the processor's order
+    (``Qwen2VLVideoProcessor.patchify``: temporal slice, merge-block row, merge-block column, the
+    merge x merge patches of the block; each row is (C, temporal, patch, patch); the image processor
+    writes the same layout with t = 1 and the image repeated over ``temporal``). Returns
+    (t, C, h * patch, w * patch): the first frame of each temporal slice, normalised as the model
+    received it.
+    """
+    t, h, w = grid
+    x = patches.view(t, h // merge, w // merge, merge, merge, channels, temporal, patch, patch)[:, :, :, :, :, :, 0]
+    # (t, h/m, w/m, m, m, C, p, p) -> (t, C, h/m, m, p, w/m, m, p)
+    return x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(t, channels, h * patch, w * patch)
+
+
+def frame_positions(grids: list, start: torch.Tensor) -> torch.Tensor:
+    """(3, sum h' * w') M-RoPE rows of an item's resized frames: frame i (None: dropped) with grid
+    (h', w') gets (start + i, start + r, start + c) in raster order; start: a 0-d long tensor."""
+    parts = []
+    for index, grid in enumerate(grids):  # a few dozen frames
+        if grid is None:
+            continue
+        r, c = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+        parts.append(torch.stack([torch.full_like(r, index), r, c]).flatten(1))
+    return torch.cat(parts, dim=1).to(start.device) + start
 
 
 def select_frames(method, scores: dict, frames: int, layout: VisualLayout, device) -> tuple[torch.Tensor, bool]:

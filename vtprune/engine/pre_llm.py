@@ -11,7 +11,9 @@ An adapter wires these callbacks to hooks on a loaded model:
 4. ``language_model_hook`` (forward hook) remembers which cache holds the pruned prompt.
 
 Positions: "compact" renumbers (each kept token moves down by the number of tokens removed
-before it; decode steps move down by the total removed), "original" keeps position ids.
+before it; decode steps move down by the total removed), "original" keeps position ids; M-RoPE
+rows follow :mod:`vtprune.engine.positions`. A selector that rewrites tokens
+(:class:`TokenSelection`) may give the rewritten columns their own M-RoPE positions.
 Decode steps read nothing back to the host.
 """
 
@@ -33,6 +35,7 @@ class PendingPrefill:
     scores: torch.Tensor | dict | None = None  # from the adapter's probes, e.g. (num_images, N) fp32
     context: dict = field(default_factory=dict)  # what else the adapter's selector needs (image sizes, ...)
     inputs_embeds: torch.Tensor | None = None  # (B, L, D) the merged prompt, set just before selection
+    position_ids: torch.Tensor | None = None  # (B, L) or (R, B, L) its position ids, set with inputs_embeds
 
 
 @dataclass
@@ -43,12 +46,18 @@ class TokenSelection:
     keep every column. replace: flat bool over the image columns whose embedding is overwritten
     (a subset of keep); values: (replace.sum(), D) the new embeddings, in column order.
     stats: method figures for ``handle.last.extra`` (e.g. ``scoring_seconds``).
+    positions: None, or (3, replace.sum()) long M-RoPE rows (temporal, height, width) of the
+    replaced columns, in column order, in the unpruned prompt's numbering; the cut writes them
+    into the last three rows of the position ids (a 4-row input's 1-D text row is untouched) and
+    moves the columns after each rewritten block to follow its new extent
+    (:func:`vtprune.engine.positions.write_replaced`).
     """
 
     keep: torch.Tensor | None
     replace: torch.Tensor | None = None
     values: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -162,10 +171,11 @@ class PreLLMPruner:
         visual = visual_index(image_mask)
         visual_in = image_mask.sum(dim=1)
         mask = kwargs.get("attention_mask")
-        pending.inputs_embeds = embeds
+        positions = kwargs.get("position_ids")
+        pending.inputs_embeds, pending.position_ids = embeds, positions
         image_keep = self.select_tokens(pending, embeds.device)
-        pending.inputs_embeds = None
-        extra = {}
+        pending.inputs_embeds = pending.position_ids = None
+        extra, replace, replaced_positions = {}, None, None
         if isinstance(image_keep, TokenSelection):
             selection, image_keep, extra = image_keep, image_keep.keep, image_keep.stats
             if image_keep is not None and selection.values is not None:
@@ -173,6 +183,7 @@ class PreLLMPruner:
                 embeds = embeds.masked_scatter(
                     replace[..., None].expand_as(embeds), selection.values.to(embeds.device, embeds.dtype)
                 )
+                replaced_positions = selection.positions
         if image_keep is None:  # nothing dropped: leave the inputs untouched, bit-identical
             real = mask.sum(dim=1) if mask is not None else torch.full((batch,), length, device=embeds.device)
             self.on_prefill(PrefillResult(visual, visual_in, real, real, extra))
@@ -184,13 +195,14 @@ class PreLLMPruner:
         keep = (~image_mask).masked_scatter(image_mask, image_keep)
         cut = plan_cut(keep)
 
-        positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=embeds.device).expand(batch, length)
         check_positions(positions)
         positions = expand_positions(positions, batch, length)
         pruned_mask = cut.gather(mask2d)
-        new_positions, shift = cut_positions(cut, positions, self.positions, pruned_mask.bool())
+        if replaced_positions is not None:
+            replaced_positions = (cut.gather(replace, fill=False), replaced_positions.to(embeds.device))
+        new_positions, shift = cut_positions(cut, positions, self.positions, pruned_mask.bool(), replaced_positions)
 
         kwargs = dict(kwargs, inputs_embeds=cut.gather(embeds), attention_mask=pruned_mask, position_ids=new_positions)
         self.prompt = PrunedPrompt(cut=cut, original_length=length, pruned_mask=pruned_mask, cache=cache, shift=shift)
