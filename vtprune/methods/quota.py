@@ -20,6 +20,15 @@ image prompt the images of a sample play the frames (one image: one frame, which
 it to the budget); an image's frame is its base (thumbnail) view, its AnyRes crops are dropped,
 and it cannot grow past its own placeholders (a per-frame cap, as QuoTA's non-v1 versions have).
 
+Qwen2-VL (native resolution, M-RoPE): every video and every image is its own frame set with its
+own budget (their grids differ, so they cannot share one). A video's frames are its temporal
+slices (t x h/2 x w/2 tokens; the scorer gets the first frame of each temporal pair, recovered
+from the flattened patches); an image is a one-frame video. The resized frames fill the item's
+first placeholders; frame i with grid (h', w') gets M-RoPE positions (s + i, s + r, s + c) from
+the item's first value s, and the text after the item moves to s + its larger new side, as the
+model numbers an item (see :mod:`vtprune.engine.positions`). The floor-sqrt grid ignores aspect
+ratio: a non-square frame is resampled to a near-square grid even at its full share.
+
 Rules, as in the official v1 code:
 - weights: w_i = (100 p_i)^2, normalised to sum to 1 (``weight_scale=[100, 2]``);
 - budget: frame i gets int(T * w_i) tokens of the total T; the sum is <= T (the official rule
@@ -318,7 +327,9 @@ class Quota(Method):
     placeholders of the video, in order).
     The question reaches the method through ``query=`` or ``handle.set_query(text)``.
     Supported: LLaVA-OneVision video prompts (frames = the pooled per-frame grids) and image prompts
-    (images as frames, see the module docstring); other adapters refuse the method at patch time.
+    (images as frames, see the module docstring); Qwen2-VL video, image and mixed prompts (each
+    video / image its own frame set, M-RoPE positions for the resized frames); other adapters
+    refuse the method at patch time.
     """
 
     name = "quota"
