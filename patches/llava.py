@@ -171,8 +171,8 @@ class LlavaAdapter:
     def _pre_llm_pruner(self, method, layout) -> PreLLMPruner:
         if getattr(method, "replaces_features", False) and not self.supports_feature_replacement:
             raise ValueError(
-                f"method {method.name!r} resizes video frames and is supported on LLaVA-OneVision video prompts only; "
-                f"{type(self.model).__name__} is not supported yet"
+                f"method {method.name!r} resizes frames (video frames, or images as frames) and is supported on "
+                f"LLaVA-OneVision and Qwen2-VL; {type(self.model).__name__} is not supported yet"
             )
         needs_cls = any(kind == "cls" for kind, _ in method.vision_probes().values())
         if needs_cls and not self.has_cls_token():

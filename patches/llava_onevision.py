@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from vtprune.engine.pre_llm import TokenSelection
 from vtprune.methods.base import BudgetConfig, VisualLayout
 from vtprune.methods.highres import CropLayout
+from vtprune.methods.quota import plan_stats
 from vtprune.patches import InstanceMethodPatch, register_adapter
 from vtprune.patches.llava import SCORES_ATTRIBUTE, _kwarg
 from vtprune.patches.llava_next import ANYRES_ATTRIBUTE, AnyResImage, LlavaNextAdapter, keep_packed
@@ -192,14 +193,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 keep[frame_set.kept_columns(plan.frame_sizes)] = True
                 values.append(plan.features)
             keep |= replace
-            stats = {
-                "scoring_seconds": sum(p.scoring_seconds for p in plans),
-                "decouple_seconds": sum(p.decouple_seconds for p in plans),
-                "frame_tokens": [p.tokens for p in plans],
-                "frame_grids": [p.grids for p in plans],
-                "yes_probability": [p.yes_probability for p in plans],
-                "entities": [p.entities for p in plans],
-            }
+            stats = plan_stats(plans)
             if bool(keep.all()) and all(grid == s.grid for s, p in zip(sets, plans) for grid in p.grids):
                 return TokenSelection(None, stats=stats)  # every frame as it is: bit-identical
             visual = pending.image_token_mask.to(device)

@@ -56,6 +56,7 @@ from vtprune.engine.in_llm import InLLMPruner
 from vtprune.engine.pre_llm import TokenSelection
 from vtprune.engine.probe import received_attention
 from vtprune.methods.base import BudgetConfig, VisualLayout
+from vtprune.methods.quota import plan_stats
 from vtprune.patches import InstanceMethodPatch, register_adapter
 from vtprune.patches.llava import LlavaAdapter, _kwarg
 from vtprune.patches.llm_backbones import LlamaStyleBackbone
@@ -239,14 +240,7 @@ class Qwen2VLAdapter(LlavaAdapter):
             self.base.rope_deltas = rope_deltas
             items.sort(key=lambda item: item[0])  # values and positions in column order
             plans = [plan for _, _, plan, _ in items]
-            stats = {
-                "scoring_seconds": sum(p.scoring_seconds for p in plans),
-                "decouple_seconds": sum(p.decouple_seconds for p in plans),
-                "frame_tokens": [p.tokens for p in plans],
-                "frame_grids": [p.grids for p in plans],
-                "yes_probability": [p.yes_probability for p in plans],
-                "entities": [p.entities for p in plans],
-            }
+            stats = plan_stats(plans)
             if all(grid == native for _, _, p, native in items for grid in p.grids):
                 return TokenSelection(None, stats=stats)  # every frame as it is: bit-identical
             replaced = [columns[: plan.features.shape[0]] for _, columns, plan, _ in items]

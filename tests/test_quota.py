@@ -201,7 +201,7 @@ def test_bad_input():
         vtprune.patch(m, "quota", query="q")
     with pytest.raises(ValueError, match="positions='compact'"):
         vtprune.patch(m, "quota", scorer=by_pixels, positions="original")
-    with pytest.raises(ValueError, match="LLaVA-OneVision video prompts only"):
+    with pytest.raises(ValueError, match="supported on LLaVA-OneVision and Qwen2-VL"):
         vtprune.patch(tiny_llava(), "quota", scorer=by_pixels, query="q")
     with vtprune.patched(m, "quota", scorer=by_pixels) as handle, torch.no_grad():
         with pytest.raises(ValueError, match="needs the user's question"):

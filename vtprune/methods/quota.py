@@ -307,6 +307,18 @@ class FramePlan:
         return [grid[0] * grid[1] if grid else 0 for grid in self.grids]
 
 
+def plan_stats(plans: list[FramePlan]) -> dict:
+    """``handle.last.extra`` of one prefill: the scorer's and decoupler's time, each frame set's plan."""
+    return {
+        "scoring_seconds": sum(p.scoring_seconds for p in plans),
+        "decouple_seconds": sum(p.decouple_seconds for p in plans),
+        "frame_tokens": [p.tokens for p in plans],
+        "frame_grids": [p.grids for p in plans],
+        "yes_probability": [p.yes_probability for p in plans],
+        "entities": [p.entities for p in plans],
+    }
+
+
 @register_method
 class Quota(Method):
     """QuoTA (arXiv 2503.08689): query-oriented per-frame token budgets before the LLM.
