@@ -34,7 +34,7 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(
-    corpus: list[str], vocab_size: int = 4096, special_tokens: list[str] = SPECIAL_TOKENS
+    corpus: list[str], vocab_size: int = 4096, special_tokens: list[str] = SPECIAL_TOKENS, media_tokens=None
 ) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over ``corpus`` (words and punctuation)."""
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
@@ -50,10 +50,8 @@ def build_tokenizer(
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        extra_special_tokens={
-            "image_token": "<image>",
-            **({"video_token": "<video>"} if "<video>" in special_tokens else {}),
-        },
+        extra_special_tokens=media_tokens
+        or {"image_token": "<image>", **({"video_token": "<video>"} if "<video>" in special_tokens else {})},
         padding_side="left",
     )
 
@@ -75,8 +73,11 @@ def build_processor(
     )
 
 
-def build_onevision_processor(corpus: list[str], image_size: int = 32, pinpoints=None, vocab_size: int = 128):
-    """A ``LlavaOnevisionProcessor`` (images and videos) for ``toy_models.tiny_llava_onevision``."""
+def build_onevision_processor(
+    corpus: list[str], image_size: int = 32, pinpoints=None, vocab_size: int = 128, patch_size: int = 8
+):
+    """A ``LlavaOnevisionProcessor`` (images and videos) for ``toy_models.tiny_llava_onevision``
+    (or ``llava_onevision_shaped`` with ``image_size=384, patch_size=14``)."""
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
     from vtprune.evals.toy_models import ONEVISION_PINPOINTS
@@ -86,7 +87,38 @@ def build_onevision_processor(corpus: list[str], image_size: int = 32, pinpoints
         image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints or ONEVISION_PINPOINTS),
         video_processor=LlavaOnevisionVideoProcessor(size=size),
         tokenizer=build_tokenizer(corpus, vocab_size, VIDEO_SPECIAL_TOKENS),
-        num_image_tokens=(image_size // 8) ** 2,
+        num_image_tokens=(image_size // patch_size) ** 2,
         vision_feature_select_strategy="full",
         chat_template=CHAT_TEMPLATE,
+    )
+
+
+QWEN2_VL_SPECIAL_TOKENS = [  # ids match toy_models: image 3, video 4, vision start 5, vision end 6
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<unk>",
+]
+QWEN2_VL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>").replace(
+    "<video>\n", "<|vision_start|><|video_pad|><|vision_end|>"
+)
+
+
+def build_qwen2_vl_processor(corpus: list[str], vocab_size: int = 128, max_side: int = 64):
+    """A ``Qwen2VLProcessor`` (images and videos) for ``toy_models.tiny_qwen2_vl`` (4 px patches, 2 x 2 merge)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    sizes = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 64, "max_pixels": max_side**2}
+    tokenizer = build_tokenizer(
+        corpus, vocab_size, QWEN2_VL_SPECIAL_TOKENS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    )
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**sizes),
+        video_processor=Qwen2VLVideoProcessor(**sizes, do_sample_frames=False, cap_pixels_per_frame=False),
+        tokenizer=tokenizer,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )

@@ -332,3 +332,34 @@ def test_a_scorer_running_the_model_itself_leaves_decode_positions_alone():
             steps.append(out.logits[:, -1])
     _, _, expected = hand_reference(m, kw, [[(4, 3), (2, 1), None, None]])
     torch.testing.assert_close(torch.stack(steps, dim=1), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- the patched model as its own scorer -------------------------------------------------------------
+
+
+def test_the_patched_qwen2_vl_scores_its_own_frames():
+    from vtprune.evals.toy_processor import build_qwen2_vl_processor
+    from vtprune.methods import quota
+
+    question = "what is the man holding ?"
+    processor = build_qwen2_vl_processor([quota.ENTITY_PROMPT, quota.QUESTION_PROMPT, question])
+    m = model()
+    pictures = torch.rand(6, CHANNELS, 16, 16, generator=torch.Generator().manual_seed(5))  # t = 3 slices
+    video = [{"type": "video"}, {"type": "text", "text": question}]
+    kw = processor(text=[quota._user_turn(processor, video)], videos=[pictures], return_tensors="pt", do_rescale=False)
+    yes = processor.tokenizer.convert_tokens_to_ids("A")
+    expected = []
+    for picture in pictures[::TEMPORAL]:  # a slice's frame: the first of its temporal pair, as a one-frame video
+        parts = [{"type": "video"}, {"type": "text", "text": quota.scoring_prompt(question, None)}]
+        turn = quota._user_turn(processor, parts)
+        one = processor(text=[turn], videos=[picture[None]], return_tensors="pt", do_rescale=False)
+        with torch.no_grad():
+            expected.append(m(**one).logits[0, -1].softmax(dim=-1)[yes])
+    with vtprune.patched(m, "quota", processor=processor, query=question, keep_ratio=0.5) as handle, torch.no_grad():
+        logits = m(**kw).logits
+        got = torch.tensor(handle.last.extra["yes_probability"][0], dtype=torch.float32)
+        generated = m.generate(**kw, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-7)
+    with vtprune.patched(m, "quota", scorer=lambda f, t: got, query=question, keep_ratio=0.5), torch.no_grad():
+        assert torch.equal(m(**kw).logits, logits)
+        assert torch.equal(m.generate(**kw, max_new_tokens=3, do_sample=False), generated)
