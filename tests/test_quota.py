@@ -30,6 +30,15 @@ def test_grid_rule(n, grid):
     assert frame_grid(n) == grid and grid[0] * grid[1] <= n
 
 
+@pytest.mark.parametrize(
+    "n, native, grid",
+    [(6, (2, 3), (2, 3)), (24, (4, 6), (4, 6)), (10, (2, 3), (2, 5)), (3, (6, 4), (2, 1)), (1, (4, 1), (1, 1))],
+)
+def test_non_square_frames_keep_their_aspect_ratio(n, native, grid):
+    assert frame_grid(n, native) == grid and grid[0] * grid[1] <= n
+    assert frame_grid(n, (5, 5)) == frame_grid(n)  # square frames: the official rule
+
+
 def test_resize_modes():
     x = torch.randn(6, 6, 8)
     bilinear = resize_frame(x, (3, 3))

@@ -92,10 +92,14 @@ def hand_tokens(p, total):
     return [int(total * (s / sum(squares))) for s in squares]
 
 
-def hand_grid(n):
-    """floor-sqrt grid: h = w = floor(sqrt(n)), one more row while it still fits in n."""
+def hand_grid(n, native):
+    """Square frames: floor-sqrt grid, h = w = floor(sqrt(n)), one more row while it still fits in n.
+    A non-square native (H, W) grid: the aspect-kept grid h = floor(sqrt(n H / W)), w = floor(n / h)."""
     if n == 0:
         return None
+    if native[0] != native[1]:
+        h = max(1, min(n, math.floor(math.sqrt(n * native[0] / native[1]))))
+        return h, n // h
     h = w = math.isqrt(n)
     return (h + 1, w) if h * w < n and (h + 1) * w <= n else (h, w)
 
@@ -188,6 +192,7 @@ def test_keep_all_is_bit_identical_and_remove_restores():
     prompts = {
         "video": (prompt([("video", random_frames(8, 16, 16, seed=2))]), [0.3] * 4),
         "one-frame video": (prompt([("video", random_frames(2, 16, 16, seed=3))]), [0.2]),
+        "non-square video": (prompt([("video", random_frames(4, 16, 24, seed=6))]), [0.3] * 2),  # 2 x 3 frames
         "image + video": (
             prompt([("image", random_frames(1, 16, 16, seed=4)[0]), ("video", random_frames(8, 16, 16, seed=5))]),
             [0.0],
@@ -202,7 +207,8 @@ def test_keep_all_is_bit_identical_and_remove_restores():
         calls = [p] if name != "image + video" else [p, [0.3] * 4]
         with vtprune.patched(m, "quota", scorer=stub(*calls, *calls), query="q") as handle, torch.no_grad():
             assert torch.equal(m(**kw).logits, references[name][0]), name
-            assert all(t == [4] * len(t) for t in handle.last.extra["frame_tokens"])  # each frame its 2 x 2 grid
+            native = 6 if name == "non-square video" else 4  # each frame its own 2 x 2 (2 x 3) grid
+            assert all(t == [native] * len(t) for t in handle.last.extra["frame_tokens"])
             assert handle.last.visual_tokens_kept == handle.last.visual_tokens_in
             assert torch.equal(greedy(m, kw), references[name][1]), name
     assert hook_counts(m) == before
@@ -247,7 +253,8 @@ def test_matches_a_hand_built_reference_through_decode(case):
         unpruned = len(p) * (hgt // PATCH // MERGE) * (wid // PATCH // MERGE)
         total = options.get("budget_tokens") or max(1, math.floor(options.get("keep_ratio", 1.0) * unpruned + 0.5))
         expected_tokens.append(hand_tokens(p, total))
-        expected_grids.append([hand_grid(k) for k in expected_tokens[-1]])
+        native = (hgt // PATCH // MERGE, wid // PATCH // MERGE)
+        expected_grids.append([hand_grid(k, native) for k in expected_tokens[-1]])
     assert extra["frame_tokens"] == expected_tokens
     assert extra["frame_grids"] == expected_grids
     assert handle.last.visual_tokens_kept == [sum(g[0] * g[1] for grids in expected_grids for g in grids if g)]

@@ -26,8 +26,9 @@ slices (t x h/2 x w/2 tokens; the scorer gets the first frame of each temporal p
 from the flattened patches); an image is a one-frame video. The resized frames fill the item's
 first placeholders; frame i with grid (h', w') gets M-RoPE positions (s + i, s + r, s + c) from
 the item's first value s, and the text after the item moves to s + its larger new side, as the
-model numbers an item (see :mod:`vtprune.engine.positions`). The floor-sqrt grid ignores aspect
-ratio: a non-square frame is resampled to a near-square grid even at its full share.
+model numbers an item (see :mod:`vtprune.engine.positions`). Non-square frames keep their aspect
+ratio (the official floor-sqrt grid assumes square frames), so a frame at its full share keeps
+its native grid.
 
 Rules, as in the official v1 code:
 - weights: w_i = (100 p_i)^2, normalised to sum to 1 (``weight_scale=[100, 2]``);
@@ -77,8 +78,17 @@ def frame_budgets(yes_probability: torch.Tensor, total: int) -> torch.Tensor:
     return (total * weights).floor().long()
 
 
-def frame_grid(tokens: int) -> tuple[int, int]:
-    """The official v1 grid for ``tokens`` (> 0) tokens: (h, w) with h * w <= tokens."""
+def frame_grid(tokens: int, native: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The grid for ``tokens`` (> 0) tokens: (h, w) with h * w <= tokens.
+
+    Square frames (``native`` None or H == W): the official v1 rule. A non-square native (H, W)
+    grid (Qwen2-VL's native resolution; the official code only meets square SigLIP frames) keeps
+    its aspect ratio: h = floor(sqrt(n H / W)) (1 <= h <= n), w = floor(n / h); n = H W gives (H, W).
+    """
+    if native is not None and native[0] != native[1]:
+        height, width = native
+        h = max(1, min(tokens, math.isqrt(tokens * height // width)))
+        return h, tokens // h
     h = w = math.isqrt(tokens)
     if h * w < tokens and (h + 1) * w <= tokens:
         h += 1
@@ -448,7 +458,7 @@ class Quota(Method):
             if n <= 0:
                 grids.append(None)
                 continue
-            grid = frame_grid(n)
+            grid = frame_grid(n, (height, width))
             grids.append(grid)
             if grid == (height, width):
                 parts.append(features[index].reshape(height * width, -1))  # untouched, bit for bit
