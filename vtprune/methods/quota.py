@@ -35,7 +35,8 @@ Rules, as in the official v1 code:
 - budget: frame i gets int(T * w_i) tokens of the total T; the sum is <= T (the official rule
   floors each share; no largest-remainder top-up); frames with 0 tokens are dropped;
 - grid: h = w = floor(sqrt(n)); h += 1 when h * w < n and (h + 1) * w <= n (so the grid holds
-  at most n tokens); no per-frame cap (v1 may up-sample a frame beyond its native grid);
+  at most n tokens; square frames, see :func:`frame_grid` for others); no per-frame cap on video
+  (v1 may up-sample a frame beyond its native grid);
 - resize: "bilinear" (``F.interpolate``, align_corners=False, no antialias, the official v1),
   "pool" (adaptive average pooling, v2), "uniform" (a linspace subsample of rows and columns, v3).
 """
