@@ -56,6 +56,7 @@ test: lint
 bench: install
 	$(PY) -m vtprune.evals.bench --repeats 3 --threads 1 --clock cpu --json bench_out/bench.json
 	$(PY) -m vtprune.evals.bench_anyres --repeats 1 --threads 1 --clock cpu --json bench_out/bench_anyres.json
+	$(PY) -m vtprune.evals.bench_video --repeats 3 --threads 1 --clock cpu --json bench_out/bench_video.json
 
 clean:
 	rm -rf $(VENV) $(LLAVA_VENV) demo_out bench_out build *.egg-info

@@ -276,3 +276,39 @@ def tiny_llava_onevision(seed: int = 0, attn_implementation="sdpa", layers=2, pi
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     return model
+
+
+def llava_onevision_shaped(layers: int = 2, vision_layers: int = 1, seed: int = 0, attn_implementation="sdpa"):
+    """LLaVA-OneVision-0.5B shape with fewer layers: SigLIP-so400m-shaped tower and Qwen2-0.5B-wide LLM.
+
+    Tower: 384 px, patch 14 (27 x 27 patches; a video frame is pooled to 14 x 14 = 196 tokens),
+    1152 wide, MLP 4304, 16 heads, ``vision_layers`` of its 27 layers. LLM: Qwen2-0.5B's width
+    (896, 14 heads, 2 KV heads, MLP 4864, vocabulary 151936), ``layers`` of its 24 layers.
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text_config(
+            "qwen2", hidden=896, layers=layers, heads=14, kv_heads=2, intermediate=4864, vocab=151936
+        ),
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    config.text_config.max_position_embeddings = 32768
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model

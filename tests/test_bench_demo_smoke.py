@@ -30,3 +30,43 @@ def test_demo_prints_methods_and_ratios_and_draws_kept_patches(tmp_path, capsys)
     assert rows[0]["llm_gflops"] > rows[1]["llm_gflops"]
     assert (tmp_path / "kept_patches.png").stat().st_size > 0
     assert "fastervlm" in capsys.readouterr().out
+
+
+def test_video_bench_rows_follow_the_budget_arithmetic():
+    from vtprune.evals import bench_video
+    from vtprune.evals.toy_models import tiny_llava_onevision
+
+    frames, per_frame = 6, 4  # the tiny model: 32 px, patch 8 -> 4 x 4 pooled to 2 x 2 per frame
+    model = tiny_llava_onevision(seed=3)
+    processor = bench_video.onevision_processor(image_size=32, patch_size=8)
+    inputs = bench_video.video_inputs(processor, frames, 32, "cpu")
+    rows = bench_video.measure(model, processor, inputs, frames, repeats=1, ratios=(0.5,))
+    by_config = {row["config"]: row for row in rows}
+    assert list(by_config) == [
+        "full",
+        "quota keep 0.5",
+        "quota keep 0.5, stub scorer (skewed p)",
+        "fastervlm keep 0.5 (received)",
+        "uniform keep 0.5",
+    ]
+    assert by_config["full"]["visual_tokens"] == frames * per_frame + 1  # frames, then one newline
+    for name in ("fastervlm keep 0.5 (received)", "uniform keep 0.5"):  # round(0.5 * 4) = 2 per frame
+        assert by_config[name]["visual_tokens"] == frames * 2 + 1
+        assert by_config[name]["frame_tokens_kept"] == [2] * frames
+    budget = round(0.5 * frames * per_frame)
+    for name in ("quota keep 0.5", "quota keep 0.5, stub scorer (skewed p)"):
+        row = by_config[name]
+        tokens, grids = row["extra"]["frame_tokens"][0], row["extra"]["frame_grids"][0]
+        assert sum(tokens) <= budget
+        assert row["frame_tokens_kept"] == [g[0] * g[1] if g else 0 for g in grids]
+        assert all(kept <= n for kept, n in zip(row["frame_tokens_kept"], tokens, strict=True))
+        assert row["visual_tokens"] == sum(row["frame_tokens_kept"]) + 1
+    stub = by_config["quota keep 0.5, stub scorer (skewed p)"]["extra"]["frame_tokens"][0]
+    assert max(stub) > min(stub)  # skewed probabilities: uneven per-frame budgets
+    quota_row = by_config["quota keep 0.5"]
+    assert quota_row["scorer_s"] > quota_row["scorer_decoder_s"] > 0
+    assert len(quota_row["extra"]["yes_probability"][0]) == frames
+    for row in rows[1:]:
+        assert row["llm_flops"] < rows[0]["llm_flops"] and row["flops_ideal_speedup"] > 1 and row["llm_prefill_s"] > 0
+    assert [row["config"] for row in rows if "scorer_s" in row] == ["quota keep 0.5"]
+    assert "quota keep 0.5" in bench_video.format_table({"rows": rows})
