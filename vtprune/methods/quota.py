@@ -218,7 +218,7 @@ class ModelScorer:
         dtype = next(self.model.parameters()).dtype
         inputs = {k: v.to(self.model.device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
         with _suspended(self.model):
-            logits = self.model(**inputs).logits[:, -1]
+            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]  # the last position only
         return logits.float().softmax(dim=-1)[:, self.yes_id]
 
 
