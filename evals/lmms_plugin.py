@@ -146,6 +146,19 @@ def _method_and_options(method: str | None, preset: str | None) -> tuple[str | N
     return name, options
 
 
+_BASE_PROCESSOR = object()  # validation stand-in for the processor the wrapped model brings
+
+
+def _scores_with_the_model(method: str, options: dict) -> bool:
+    """A one-stage method that can score with the patched model (quota) and got neither processor nor scorer."""
+    stages = parse_spec(method)
+    if len(stages) != 1:
+        return False
+    name, spec_options = stages[0]
+    fields = get_method(name).config_class.__dataclass_fields__
+    return "processor" in fields and not {"processor", "scorer"} & {*spec_options, *options}
+
+
 def parse_model_args(kwargs: dict, base: str, base_params: set[str]) -> ModelArgs:
     """Route ``--model_args`` keys to the wrapper, the base model and the method; validate them.
 
@@ -176,7 +189,8 @@ def parse_model_args(kwargs: dict, base: str, base_params: set[str]) -> ModelArg
             f"method {method!r}: {method_keys}; base {base!r}: {', '.join(sorted(base_params))}"
         )
     if method is not None:
-        config = build_methods(method, options)[0].config  # coerces and validates now
+        brought = {"processor": _BASE_PROCESSOR} if _scores_with_the_model(method, options) else {}
+        config = build_methods(method, {**options, **brought})[0].config  # coerces and validates now
         options = {key: getattr(config, key) for key in options}
     try:
         examples = int(examples)
@@ -261,11 +275,8 @@ class VTPruneLMM(lmms):
         self.label = ModelArgs(self.args.base, {}, method, self.options).label
 
     def _model_defaults(self, method: str, options: dict) -> dict:
-        """A one-stage query-aware method (quota) scores with the wrapped model: give it the base's processor."""
-        stages = parse_spec(method)
-        fields = get_method(stages[0][0]).config_class.__dataclass_fields__ if len(stages) == 1 else {}
-        given = {**stages[0][1], **options} if len(stages) == 1 else options
-        if "processor" in fields and not {"processor", "scorer"} & set(given):
+        """A query-aware method (quota) scores with the wrapped model: give it the base's processor."""
+        if _scores_with_the_model(method, options):
             processor = getattr(self._base, "_image_processor", None) or getattr(self._base, "processor", None)
             if processor is not None:
                 return {**options, "processor": processor}

@@ -30,6 +30,7 @@ RECORD_FIELDS = (
     "decode_tokens",
     "decode_s",
     "latency_s",
+    "scoring_s",  # a method's own model calls inside the prefill (quota's scorer and decoupler), part of ttft_s
 )
 
 
@@ -44,6 +45,7 @@ def sample_record(request, calls: list, prune, config) -> dict:
             visual_tokens_kept=sum(prune.visual_tokens_kept),
             flops_before=int(prune.flops_before),
             flops_after=int(prune.flops_after),
+            scoring_s=_scoring_seconds(prune.extra),
         )
         lengths = getattr(prune, "sequence_lengths", None)
         if lengths is not None:
@@ -65,6 +67,11 @@ def sample_record(request, calls: list, prune, config) -> dict:
     if calls:
         record.update(_timings(calls))
     return record
+
+
+def _scoring_seconds(extra: dict) -> float | None:
+    parts = [extra[key] for key in ("scoring_seconds", "decouple_seconds") if extra.get(key) is not None]
+    return sum(parts) if parts else None
 
 
 def _timings(calls: list) -> dict:
@@ -94,7 +101,7 @@ def summarize(records: list[dict]) -> dict:
     summary = {"samples": len(records)}
     for key in ("visual_tokens_in", "visual_tokens_kept", "prompt_tokens", "llm_prompt_tokens"):
         summary[key] = _mean(column[key])
-    for key in ("flops_before", "flops_after", "ttft_s", "latency_s", "new_tokens"):
+    for key in ("flops_before", "flops_after", "ttft_s", "latency_s", "new_tokens", "scoring_s"):
         summary[key] = _mean(column[key])
     summary["ttft_s_median"] = statistics.median(ttft) if ttft else None
     summary["decode_tokens_per_s"] = decode_tokens / decode_s if decode_s > 0 else None

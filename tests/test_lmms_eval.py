@@ -228,3 +228,29 @@ def test_quota_gets_the_base_processor_and_each_request_as_its_query():
     wrapper.options = {"query": "fixed"}
     VTPruneLMM._set_query(wrapper, request)
     assert queries == ["What colour is the square?"]
+
+
+def test_lmms_eval_runs_quota_with_the_model_scoring_its_own_images(tmp_path):
+    from vtprune.evals.toy_models import tiny_llava_onevision
+    from vtprune.evals.toy_processor import build_onevision_processor
+    from vtprune.methods import quota
+
+    processor = build_onevision_processor(shapes.corpus() + [quota.ENTITY_PROMPT, quota.QUESTION_PROMPT])
+    model = tiny_llava_onevision(seed=0)
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    task_dir = make_builtin_task("vtprune_shapes", tmp_path / "tasks", n=3)
+    stats = tmp_path / "stats.json"
+    model_args = f"base=llava_hf,pretrained={tmp_path / 'model'},device=cpu,method=quota,keep_ratio=0.5"
+    result = run_lmms_eval(
+        ["--model", "vtprune", "--model_args", f"{model_args},stats_path={stats}", "--tasks", "vtprune_shapes"]
+        + ["--include_path", str(task_dir.parent), "--output_path", str(tmp_path / "out")],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    samples = json.loads(stats.read_text())["samples"]
+    assert len(samples) == 3
+    for sample in samples:  # one image = one frame: its 4 x 4 base view gets T = 8 -> a 3 x 2 grid, crops dropped
+        assert sample["visual_tokens_kept"] == 6 and sample["visual_tokens_in"] > 16
+        assert sample["scoring_s"] > 0
