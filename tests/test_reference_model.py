@@ -86,3 +86,18 @@ def test_training_script_runs_end_to_end_and_is_reproducible(tmp_path):
     for prefix in ("model.vision_tower.", "model.language_model."):
         names = [k for k in fresh if k.startswith(prefix) and k in weights[0]]
         assert names and any(not torch.equal(fresh[k], weights[0][k]) for k in names)
+
+
+def test_package_data_ships_every_checkpoint_file():
+    # load_reference_model() reads REFERENCE_DIR inside the installed package: setup.cfg must list its files
+    import configparser
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    patterns = [p.strip() for p in setup["options.package_data"]["vtprune.evals"].split(",")]
+    evals_dir = REFERENCE_DIR.parent.parent
+    files = [p.relative_to(evals_dir).as_posix() for p in REFERENCE_DIR.iterdir()]
+    assert "assets/reference_model/model.safetensors" in files
+    assert all(any(fnmatch(f, pattern) for pattern in patterns) for f in files), (files, patterns)

@@ -43,7 +43,12 @@ def _eval_parser(sub) -> None:
     p.add_argument("--include-path", default=None, help="folder of extra lmms-eval task yamls")
     p.add_argument("--limit", type=float, default=None, help="samples per task (lmms-eval --limit)")
     p.add_argument("--examples", type=int, default=2, help="samples per configuration to draw kept patches of")
-    p.add_argument("--task-size", type=int, default=32, help="records of a generated built-in task")
+    p.add_argument(
+        "--task-size",
+        type=int,
+        default=None,
+        help="records of a generated built-in task (default: 32 vtprune_shapes, 1400 vtprune_shapesvqa)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip the one-sample warm-up run")
     p.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
 
@@ -57,7 +62,7 @@ def _defines_task(folder: str, task: str) -> bool:
     return any(pattern.search(path.read_text(errors="ignore")) for path in Path(folder).rglob("*.yaml"))
 
 
-def _builtin_task_paths(tasks: list[str], include_path: str | None, out: Path, size: int) -> list[str]:
+def _builtin_task_paths(tasks: list[str], include_path: str | None, out: Path, size: int | None) -> list[str]:
     """Generate requested built-in offline tasks into OUT/tasks unless an include path has them."""
     from vtprune.evals.tasks.make_task import BUILTIN_TASKS, make_builtin_task
 
@@ -71,7 +76,7 @@ def _builtin_task_paths(tasks: list[str], include_path: str | None, out: Path, s
     return paths
 
 
-def _ensure_task(task: str, folder: Path, size: int, make, timeout_s: float = 300) -> None:
+def _ensure_task(task: str, folder: Path, size: int | None, make, timeout_s: float = 300) -> None:
     """Rank 0 writes the task (parquet first, yaml last); other ranks wait for its yaml."""
     yaml_path = folder / f"{task}.yaml"
     if yaml_path.exists():

@@ -25,7 +25,7 @@ dataset_kwargs:
 test_split: test
 output_type: generate_until
 doc_to_visual: !function {module}.doc_to_visual
-doc_to_text: !function {module}.doc_to_text
+doc_to_text: !function {module}.{doc_to_text}
 doc_to_target: answer
 generation_kwargs:
   max_new_tokens: {max_new_tokens}
@@ -55,11 +55,19 @@ def _check_record(index: int, record: dict) -> None:
             raise ValueError(f"record {index}: {key} must be a non-empty string")
 
 
-def write_task(records: list[dict], out_dir, task_name: str = "vtprune_shapes", max_new_tokens: int = 4) -> Path:
+def write_task(
+    records: list[dict],
+    out_dir,
+    task_name: str = "vtprune_shapes",
+    max_new_tokens: int = 4,
+    instruction: bool = True,
+) -> Path:
     """Write ``records`` to ``out_dir/<task_name>.parquet`` and the task yaml beside it; returns the yaml path.
 
     Each record is ``{"image": PIL.Image, "question": str, "answer": str}``; extra string or
-    number fields are kept as columns.
+    number fields are kept as columns. The prompt's text is the question followed by
+    ``INSTRUCTION`` on its own line, or (``instruction=False``) the question alone, for a model
+    trained on bare questions such as the ShapesVQA reference model.
     """
     import datasets
 
@@ -84,6 +92,7 @@ def write_task(records: list[dict], out_dir, task_name: str = "vtprune_shapes", 
             task_name=task_name,
             parquet_name=parquet.name,
             module=_MODULE,
+            doc_to_text="doc_to_text" if instruction else "doc_to_question",
             max_new_tokens=int(max_new_tokens),
             num_records=len(records),
         )
@@ -110,6 +119,10 @@ def doc_to_visual(doc: dict) -> list:
 
 def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
     return f"{doc['question']}\n{INSTRUCTION}"
+
+
+def doc_to_question(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
+    return doc["question"]
 
 
 def normalize_answer(text: str) -> str:
