@@ -18,9 +18,9 @@ def test_bench_rows_report_tokens_flops_and_cache():
     assert all(row["llm_prefill_s"] > 0 for row in rows)
 
 
-def test_demo_prints_methods_and_ratios_and_draws_kept_patches(tmp_path, capsys):
+def test_speed_demo_prints_methods_and_ratios_and_draws_kept_patches(tmp_path, capsys):
     torch.manual_seed(0)
-    rows = demo.run(tmp_path, repeats=1, methods=("fastervlm", "uniform"), keep_ratios=(1.0, 0.25))
+    rows = demo.run_speed(tmp_path, repeats=1, methods=("fastervlm", "uniform"), keep_ratios=(1.0, 0.25))
     assert [(row["method"], row["visual_tokens"]) for row in rows] == [
         ("fastervlm", 576),
         ("fastervlm", 144),
