@@ -35,7 +35,7 @@ from vtprune.evals.visualize import kept_patch_overlay, panel
 
 METHODS = ("fastervlm", "uniform", "random")  # the speed demo's
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)  # the speed demo's
-DEMO_NUM = 420  # records 0..419 of the ShapesVQA test split (60 per question kind): about 1-2 min on 2 cores
+DEMO_NUM = 280  # records 0..279 of the ShapesVQA test split (40 per question kind): 1-2 min on 2 cores
 DEMO_RATIOS = (0.5, 0.25, 0.1)
 PICTURE_RATIO = 0.25
 PICTURE_SIZE = 224  # the 96 px image drawn at this size in kept_patches.png
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         prog="vtprune demo", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the plot and pictures")
-    parser.add_argument("--num", type=int, default=DEMO_NUM, help="ShapesVQA test records 0..num-1 (default 420)")
+    parser.add_argument("--num", type=int, default=DEMO_NUM, help="ShapesVQA test records 0..num-1 (default 280)")
     parser.add_argument("--ratios", nargs="*", type=float, default=list(DEMO_RATIOS), help="keep ratios")
     parser.add_argument("--image-index", type=int, default=0, help="test record drawn in kept_patches.png")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
