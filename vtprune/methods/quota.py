@@ -246,12 +246,15 @@ def _positive_int_or_none(name, value):
 class QuotaConfig(MethodConfig):
     """QuoTA options.
 
-    query: the user's question (str; or one str per video of a batch); also ``handle.set_query``.
+    query: the user's question (str; or one str per prompt of a batch); also ``handle.set_query``.
+    processor: the patched model's processor; with it the model scores its own frames
+    (:class:`ModelScorer`) and decouples the query (:class:`ModelDecoupler`) by default.
     scorer: ``scorer(frames, prompt_text) -> (num_frames,)`` yes-probabilities in [0, 1]; frames
-    is a (n, C, H, W) pixel tensor of one video's frames, exactly as the model received them.
-    budget_tokens / keep_ratio: the total T per video (default: the unpruned frame tokens).
+    is a (n, C, H, W) pixel tensor of one frame set, normalised as the model received them.
+    budget_tokens / keep_ratio: the total T per frame set (default: the unpruned frame tokens).
     reduce: "bilinear" (official v1), "pool" (v2) or "uniform" (v3).
-    decouple: run CoT query decoupling with ``decoupler(prompt_text) -> generated text``.
+    decouple: run CoT query decoupling (``decoupler(prompt_text) -> generated text``, default the
+    patched model, at most ``decouple_max_new_tokens`` new tokens) with ``decouple_template``.
     score_batch: frames per scorer call (official: 64).
     """
 
