@@ -256,26 +256,18 @@ def tiny_llava_onevision(seed: int = 0, attn_implementation="sdpa", layers=2, pi
     The default pinpoints go up to 4 x 4 crops (128 px), so large images exercise the model's
     resize of the crop canvas (more than 9 base images' worth of tokens).
     """
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+    from transformers import SiglipVisionConfig
 
     vision = SiglipVisionConfig(
         hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
     )
-    config = LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text_config("qwen2", layers=layers),
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VIDEO_TOKEN_ID,
+    return _build_onevision(
+        vision,
+        text_config("qwen2", layers=layers),
+        seed,
+        attn_implementation,
         image_grid_pinpoints=pinpoints or ONEVISION_PINPOINTS,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
     )
-    for sub in (config, config.vision_config, config.text_config):
-        sub._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = PAD_TOKEN_ID
-    return model
 
 
 def llava_onevision_shaped(layers: int = 2, vision_layers: int = 1, seed: int = 0, attn_implementation="sdpa"):
@@ -285,7 +277,7 @@ def llava_onevision_shaped(layers: int = 2, vision_layers: int = 1, seed: int = 
     1152 wide, MLP 4304, 16 heads, ``vision_layers`` of its 27 layers. LLM: Qwen2-0.5B's width
     (896, 14 heads, 2 KV heads, MLP 4864, vocabulary 151936), ``layers`` of its 24 layers.
     """
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+    from transformers import SiglipVisionConfig
 
     vision = SiglipVisionConfig(
         hidden_size=1152,
@@ -295,17 +287,24 @@ def llava_onevision_shaped(layers: int = 2, vision_layers: int = 1, seed: int = 
         image_size=384,
         patch_size=14,
     )
+    text = text_config("qwen2", hidden=896, layers=layers, heads=14, kv_heads=2, intermediate=4864, vocab=151936)
+    text.max_position_embeddings = 32768
+    return _build_onevision(vision, text, seed, attn_implementation)
+
+
+def _build_onevision(vision, text, seed: int, attn_implementation: str, **config):
+    """``LlavaOnevisionForConditionalGeneration`` (random weights, ``seed``) over every patch ("full")."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
     config = LlavaOnevisionConfig(
         vision_config=vision,
-        text_config=text_config(
-            "qwen2", hidden=896, layers=layers, heads=14, kv_heads=2, intermediate=4864, vocab=151936
-        ),
+        text_config=text,
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
+        **config,
     )
-    config.text_config.max_position_embeddings = 32768
     for sub in (config, config.vision_config, config.text_config):
         sub._attn_implementation = attn_implementation
     torch.manual_seed(seed)

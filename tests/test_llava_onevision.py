@@ -99,9 +99,8 @@ def test_keep_all_is_bit_identical_and_remove_restores(spec, kind):
         assert torch.equal(m(**kw).logits, reference)
 
 
-def merged_reference(m, kw, kept):
-    """Logits of the unpatched LLM on its own merged embeddings with the non-kept visual columns
-    dropped by hand, positions renumbered 0.. (compact)."""
+def language_model_inputs(m, kw) -> torch.Tensor:
+    """(B, L, D) embeddings the language model receives when ``m`` runs on ``kw`` (patched or not)."""
     captured = {}
     hook = m.model.language_model.register_forward_pre_hook(
         lambda mod, a, k: captured.update(x=k["inputs_embeds"]), with_kwargs=True
@@ -109,13 +108,20 @@ def merged_reference(m, kw, kept):
     with torch.no_grad():
         m(**kw)
     hook.remove()
+    return captured["x"]
+
+
+def merged_reference(m, kw, kept):
+    """Logits of the unpatched LLM on its own merged embeddings with the non-kept visual columns
+    dropped by hand, positions renumbered 0.. (compact)."""
+    x = language_model_inputs(m, kw)
     ids = kw["input_ids"][0]
     visual = (ids == IMAGE_TOKEN_ID) | (ids == VIDEO_TOKEN_ID)
     keep = ~visual
     keep[visual.nonzero().flatten()[kept]] = True
     with torch.no_grad():
         hidden = m.model.language_model(
-            inputs_embeds=captured["x"][:, keep], position_ids=torch.arange(int(keep.sum()))[None], use_cache=False
+            inputs_embeds=x[:, keep], position_ids=torch.arange(int(keep.sum()))[None], use_cache=False
         ).last_hidden_state
         return m.lm_head(hidden)
 

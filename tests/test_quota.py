@@ -53,6 +53,7 @@ def test_resize_modes():
 import functools  # noqa: E402
 
 from conftest import hook_counts  # noqa: E402
+from test_llava_onevision import language_model_inputs  # noqa: E402
 
 import vtprune  # noqa: E402
 from vtprune.evals.toy_models import VIDEO_TOKEN_ID, tiny_llava, tiny_llava_onevision  # noqa: E402
@@ -90,14 +91,8 @@ def by_pixels(frames, prompt):  # depends on each frame only: the same answer al
 
 
 def merged(m, kw):
-    captured = {}
-    hook = m.model.language_model.register_forward_pre_hook(
-        lambda mod, a, k: captured.update(x=k["inputs_embeds"]), with_kwargs=True
-    )
-    with torch.no_grad():
-        m(**kw)
-    hook.remove()
-    return captured["x"][0]
+    """(L, D) what the language model receives for one prompt (the merged prompt when unpatched)."""
+    return language_model_inputs(m, kw)[0]
 
 
 def llm_logits(m, embeds):
@@ -145,16 +140,10 @@ def test_other_reductions(reduce):
     kw = video_inputs(seed=2)
     frames = merged(m, kw)[2:18].view(4, 2, 2, -1)
     with vtprune.patched(m, "quota", scorer=fixed(0.0, 1.0, 0.0, 0.0), query="q", reduce=reduce, budget_tokens=1):
-        captured = {}
-        hook = m.model.language_model.register_forward_pre_hook(
-            lambda mod, a, k: captured.update(x=k["inputs_embeds"]), with_kwargs=True
-        )
-        with torch.no_grad():
-            m(**kw)
-        hook.remove()
+        pruned = merged(m, kw)
     expected = frames[1].mean(dim=(0, 1)) if reduce == "pool" else frames[1, 0, 0]
-    torch.testing.assert_close(captured["x"][0, 2], expected)  # frame 1 alone, one token
-    assert captured["x"].shape[1] == 2 + 1 + 1 + 2
+    torch.testing.assert_close(pruned[2], expected)  # frame 1 alone, one token
+    assert pruned.shape[0] == 2 + 1 + 1 + 2
 
 
 def test_keep_all_is_bit_identical_and_remove_restores():

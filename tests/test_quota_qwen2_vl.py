@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import hook_counts
+from test_qwen2_vl import merged as merged_batch
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -106,17 +107,7 @@ def hand_grid(n, native):
 
 def merged(m, kw):
     """Unpatched model: (L, D) merged input embeddings and its own (3, L) M-RoPE positions."""
-    with torch.no_grad():
-        ids = kw["input_ids"]
-        embeds = m.get_input_embeddings()(ids)
-        for kind, token in (("image", IMAGE_TOKEN_ID), ("video", VIDEO_TOKEN_ID)):
-            px = kw.get("pixel_values" if kind == "image" else "pixel_values_videos")
-            if px is not None:
-                features = getattr(m.model, f"get_{kind}_features")(px, kw[f"{kind}_grid_thw"]).pooler_output
-                embeds[ids == token] = torch.cat(features)
-        positions, _ = m.model.get_rope_index(
-            ids, kw["mm_token_type_ids"], kw.get("image_grid_thw"), kw.get("video_grid_thw")
-        )
+    embeds, positions, _ = merged_batch(m, kw)
     return embeds[0], positions[:, 0]
 
 
