@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import hook_counts
+from test_qwen2_vl import left_padded_batch
 from test_qwen2_vl import merged as merged_batch
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 import vtprune
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, left_pad, qwen2_vl_prompt, tiny_qwen2_vl
+from vtprune.evals.toy_models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, qwen2_vl_prompt, tiny_qwen2_vl
 from vtprune.patches.qwen2_vl import frames_from_patches
 
 PATCH, MERGE, TEMPORAL, CHANNELS = 4, 2, 2, 3  # the tiny model's vision config
@@ -263,17 +264,8 @@ def test_batch_of_two_videos_with_different_grids_equals_each_alone():
         prompt([("video", random_frames(8, 16, 16, seed=20))], seed=7),
         prompt([("video", random_frames(4, 16, 24, seed=21))], text=(5, 2), seed=8),
     ]
-    ids, mask = left_pad([s["input_ids"][0] for s in samples])
-    types = torch.zeros_like(ids)
-    for row, s in enumerate(samples):
-        types[row, ids.shape[1] - s["input_ids"].shape[1] :] = s["mm_token_type_ids"][0]
-    batch = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "mm_token_type_ids": types,
-        "pixel_values_videos": torch.cat([s["pixel_values_videos"] for s in samples]),
-        "video_grid_thw": torch.cat([s["video_grid_thw"] for s in samples]),
-    }
+    batch = left_padded_batch(samples, "video")
+    ids = batch["input_ids"]
     with vtprune.patched(m, "quota", scorer=by_pixels, query="q", keep_ratio=0.5) as handle:
         with torch.no_grad():
             together_logits = m(**batch).logits[:, -1]

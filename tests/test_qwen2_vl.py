@@ -185,20 +185,27 @@ def test_fopru_scores_match_a_full_softmax_reference():
     assert torch.equal(handle.last.stages[0].kept[0], expected)
 
 
-def test_batch_with_different_grids_equals_samples_alone():
-    m = model()
-    samples = [inputs(IMAGE, seed=6), inputs([(1, 8, 4)], seed=7, text=(5, 2))]
+def left_padded_batch(samples: list[dict], kind: str) -> dict:
+    """One left-padded batch of single-sample Qwen2-VL inputs whose visual items are all ``kind``."""
     ids, mask = left_pad([s["input_ids"][0] for s in samples])
     types = torch.zeros_like(ids)
     for row, s in enumerate(samples):
         types[row, ids.shape[1] - s["input_ids"].shape[1] :] = s["mm_token_type_ids"][0]
-    batch = {
+    pixels, grids = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
+    return {
         "input_ids": ids,
         "attention_mask": mask,
         "mm_token_type_ids": types,
-        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
-        "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples]),
+        pixels: torch.cat([s[pixels] for s in samples]),
+        grids: torch.cat([s[grids] for s in samples]),
     }
+
+
+def test_batch_with_different_grids_equals_samples_alone():
+    m = model()
+    samples = [inputs(IMAGE, seed=6), inputs([(1, 8, 4)], seed=7, text=(5, 2))]
+    batch = left_padded_batch(samples, "image")
+    ids = batch["input_ids"]
     for spec in ("fopru:keep_tokens=3", "fopru:keep_tokens=3,positions=original", "fastv:k=1", "pdrop:layers=1;3"):
         with vtprune.patched(m, spec) as handle:
             together = greedy(m, **batch)
