@@ -43,7 +43,7 @@ import vtprune
 from vtprune.engine.flops import decoder_layer_flops, llm_prefill_flops
 from vtprune.engine.probe import cls_attention_row
 from vtprune.engine.sequence import plan_cut
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID, build_llava, llava15_shaped_config
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, build_llava, llava15_shaped_config
 from vtprune.methods.base import top_k_sorted
 from vtprune.patches.llava import LlavaAdapter
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from vtprune.evals.bench import run_cli, time_configs
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID, llava_next_shaped
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, llava_next_shaped
 from vtprune.patches.llava_next import LlavaNextAdapter
 
 RATIOS = (0.25, 0.1)

@@ -1,6 +1,6 @@
 """``vtprune bench --video``: prefill speed of video pruning on a LLaVA-OneVision-shaped model.
 
-Model (``toy_models.llava_onevision_shaped``): a SigLIP-so400m-shaped tower (384 px, patch 14:
+Model (``transformers_vlms.llava_onevision_shaped``): a SigLIP-so400m-shaped tower (384 px, patch 14:
 27 x 27 patches, pooled to 14 x 14 = 196 tokens per frame; 1 of its 27 layers) and an LLM of
 Qwen2-0.5B's width (896, 14 heads, 2 KV heads, MLP 4864, vocabulary 151936; 2 of its 24 layers),
 random weights, fp32, SDPA. One 32-frame video (32 x 196 + 1 newline = 6273 visual tokens) in
@@ -25,8 +25,8 @@ import statistics
 import torch
 
 from vtprune.evals.bench import StopWatch, clock, run_cli, time_configs
-from vtprune.evals.toy_models import llava_onevision_shaped
-from vtprune.evals.toy_processor import build_onevision_processor
+from vtprune.evals.models.processors import build_onevision_processor
+from vtprune.evals.models.transformers_vlms import llava_onevision_shaped
 from vtprune.methods import quota
 
 FRAMES = 32

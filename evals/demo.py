@@ -29,8 +29,8 @@ from transformers import CLIPImageProcessor
 
 import vtprune
 from vtprune.evals import reference_eval, shapes_vqa
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, build_llava, llava15_shaped_config
 from vtprune.evals.sample_image import load_sample
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID, build_llava, llava15_shaped_config
 from vtprune.evals.visualize import kept_patch_overlay, panel
 
 METHODS = ("fastervlm", "uniform", "random")  # the speed demo's

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vtprune.evals import shapes_vqa as data
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, build_llava, llava_config, text_config
-from vtprune.evals.toy_processor import build_processor
+from vtprune.evals.models.processors import build_processor
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, PAD_TOKEN_ID, build_llava, llava_config, text_config
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "assets" / "reference_model"
 GRID = data.IMAGE_SIZE // data.PATCH_SIZE  # 12 x 12 patches

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from vtprune.evals.toy_models import text_config, tiny_llava
-from vtprune.evals.toy_processor import build_processor
+from vtprune.evals.models.processors import build_processor
+from vtprune.evals.models.transformers_vlms import text_config, tiny_llava
 
 TOKENS_PER_IMAGE = 16  # tiny_llava: 32 px images, 8 px patches -> a 4 x 4 grid
 

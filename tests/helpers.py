@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID, build_llava
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, build_llava
 
 
 def eager_twin(model):

@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaForCausalLM, SiglipVisionConfig
 
 import vtprune
-from vtprune.evals.toy_models import llava_config, text_config, tiny_llava
+from vtprune.evals.models.transformers_vlms import llava_config, text_config, tiny_llava
 from vtprune.methods.base import BudgetConfig, Method, top_k_sorted
 from vtprune.methods.fastervlm import FasterVLMConfig
 

@@ -4,7 +4,7 @@ import torch
 
 from vtprune.evals import demo
 from vtprune.evals.bench import benchmark_inputs, time_configs
-from vtprune.evals.toy_models import tiny_llava
+from vtprune.evals.models.transformers_vlms import tiny_llava
 
 
 def test_bench_rows_report_tokens_flops_and_cache():
@@ -34,7 +34,7 @@ def test_speed_demo_prints_methods_and_ratios_and_draws_kept_patches(tmp_path, c
 
 def test_video_bench_rows_follow_the_budget_arithmetic():
     from vtprune.evals import bench_video
-    from vtprune.evals.toy_models import tiny_llava_onevision
+    from vtprune.evals.models.transformers_vlms import tiny_llava_onevision
 
     frames, per_frame = 6, 4  # the tiny model: 32 px, patch 8 -> 4 x 4 pooled to 2 x 2 per frame
     model = tiny_llava_onevision(seed=3)

@@ -16,7 +16,7 @@ from helpers import eager_twin
 import vtprune
 from vtprune.engine.flops import decoder_layer_flops
 from vtprune.engine.probe import last_token_attention
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID, left_pad, prompt_ids, text_config, tiny_llava
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, left_pad, prompt_ids, text_config, tiny_llava
 from vtprune.patches.llm_backbones import llm_backbone
 
 N = 16  # visual tokens per image of the tiny model

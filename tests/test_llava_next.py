@@ -6,7 +6,7 @@ from conftest import hook_counts
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import vtprune
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID, left_pad, tiny_llava_next
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, left_pad, tiny_llava_next
 from vtprune.patches.llava_next import LlavaNextAdapter, keep_packed
 
 SIZES = [[30, 50], [60, 40], [32, 32], [64, 64]]  # base image + 2, 2, 2 and 4 crops
@@ -209,7 +209,7 @@ def test_in_llm_stage_stacks_on_an_anyres_cut(model):
 
 
 def test_single_resolution_model_refuses_crop_budget_methods():
-    from vtprune.evals.toy_models import tiny_llava
+    from vtprune.evals.models.transformers_vlms import tiny_llava
 
     with pytest.raises(ValueError, match="splits a budget across the crops"):
         vtprune.patch(tiny_llava(), "hired")

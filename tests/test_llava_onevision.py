@@ -12,7 +12,7 @@ from conftest import hook_counts
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 import vtprune
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, tiny_llava_onevision
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, tiny_llava_onevision
 from vtprune.patches.llava_onevision import LlavaOnevisionAdapter
 
 N = 16  # tokens per sub-image (4 x 4 patches)

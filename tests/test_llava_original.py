@@ -17,7 +17,7 @@ from conftest import hook_counts
 pytest.importorskip("llava.model", reason="the original LLaVA package (llava-torch) is not installed here")
 
 import vtprune  # noqa: E402
-from vtprune.evals.toy_llava_original import (  # noqa: E402
+from vtprune.evals.models.llava_original import (  # noqa: E402
     IMAGE_TOKEN_INDEX,
     PAD_TOKEN_ID,
     original_prompt,
@@ -293,7 +293,7 @@ def test_labels_follow_the_merged_and_pruned_sequence(model):
 def test_unloaded_tower_and_unpackable_anyres_are_refused(tower):
     from llava.model import LlavaLlamaForCausalLM
 
-    from vtprune.evals.toy_llava_original import llava_original_config
+    from vtprune.evals.models.llava_original import llava_original_config
 
     unloaded = LlavaLlamaForCausalLM(llava_original_config(tower))  # delay_load: the tower is not loaded
     with pytest.raises(ValueError, match="load_model"):

@@ -6,7 +6,7 @@ from conftest import hook_counts
 from helpers import eager_cls_attention, pruned_reference_logits
 
 import vtprune
-from vtprune.evals.toy_models import left_pad, prompt_ids, tiny_llava
+from vtprune.evals.models.transformers_vlms import left_pad, prompt_ids, tiny_llava
 from vtprune.methods.base import VisualLayout, top_k_sorted
 from vtprune.methods.baselines import uniform_grid_indices
 

@@ -10,10 +10,10 @@ from eval_helpers import TOKENS_PER_IMAGE, run_lmms_eval, save_toy_model
 
 import vtprune
 from vtprune.evals.lmms_plugin import ModelArgs, parse_model_args
+from vtprune.evals.models.processors import build_tokenizer
 from vtprune.evals.tasks import shapes
 from vtprune.evals.tasks.make_task import make_builtin_task
 from vtprune.evals.tasks.offline import process_results, write_task
-from vtprune.evals.toy_processor import build_tokenizer
 from vtprune.methods.base import BudgetConfig, Method
 from vtprune.registry import _METHODS
 
@@ -231,8 +231,8 @@ def test_quota_gets_the_base_processor_and_each_request_as_its_query():
 
 
 def test_lmms_eval_runs_quota_with_the_model_scoring_its_own_images(tmp_path):
-    from vtprune.evals.toy_models import tiny_llava_onevision
-    from vtprune.evals.toy_processor import build_onevision_processor
+    from vtprune.evals.models.processors import build_onevision_processor
+    from vtprune.evals.models.transformers_vlms import tiny_llava_onevision
     from vtprune.methods import quota
 
     processor = build_onevision_processor(shapes.corpus() + [quota.ENTITY_PROMPT, quota.QUESTION_PROMPT])

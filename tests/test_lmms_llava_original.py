@@ -19,9 +19,9 @@ pytest.importorskip("llava.model", reason="the original LLaVA package (llava-tor
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed here")
 
 from vtprune.evals.lmms_plugin import _with_device_map  # noqa: E402
+from vtprune.evals.models.llava_original import save_llava_original  # noqa: E402
 from vtprune.evals.tasks import shapes  # noqa: E402
 from vtprune.evals.tasks.make_task import make_builtin_task  # noqa: E402
-from vtprune.evals.toy_llava_original import save_llava_original  # noqa: E402
 
 TOKENS_PER_IMAGE = 16  # the tiny CLIP tower: 32 px images, 8 px patches -> 4 x 4, [CLS] dropped ("patch")
 LIMIT = 4

@@ -9,7 +9,7 @@ import torch
 
 import vtprune
 from vtprune import presets
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID, prompt_ids, tiny_llava
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, prompt_ids, tiny_llava
 from vtprune.methods.base import BudgetConfig, Method, top_k_sorted
 from vtprune.registry import _METHODS
 

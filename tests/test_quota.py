@@ -56,7 +56,7 @@ from conftest import hook_counts  # noqa: E402
 from test_llava_onevision import language_model_inputs  # noqa: E402
 
 import vtprune  # noqa: E402
-from vtprune.evals.toy_models import VIDEO_TOKEN_ID, tiny_llava, tiny_llava_onevision  # noqa: E402
+from vtprune.evals.models.transformers_vlms import VIDEO_TOKEN_ID, tiny_llava, tiny_llava_onevision  # noqa: E402
 from vtprune.methods.quota import parse_entities, scoring_prompt  # noqa: E402
 
 FRAME = 4  # pooled tokens per frame of the tiny model (2 x 2)
@@ -282,7 +282,7 @@ def test_stacks_with_an_in_llm_stage():
 
 # -- the patched model as its own scorer and decoupler ------------------------------------------
 
-from vtprune.evals.toy_processor import build_onevision_processor  # noqa: E402
+from vtprune.evals.models.processors import build_onevision_processor  # noqa: E402
 from vtprune.methods import quota as quota_module  # noqa: E402
 
 QUESTION = "what is the man holding ?"
@@ -379,7 +379,7 @@ def test_model_scorer_rejects_a_tokenizer_without_the_yes_letter():
 
 # -- images as frames ------------------------------------------------------------------------------
 
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID  # noqa: E402
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID  # noqa: E402
 
 
 def processed_images(sizes, seed=0):

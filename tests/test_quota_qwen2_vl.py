@@ -23,7 +23,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 import vtprune
-from vtprune.evals.toy_models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, qwen2_vl_prompt, tiny_qwen2_vl
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, qwen2_vl_prompt, tiny_qwen2_vl
 from vtprune.patches.qwen2_vl import frames_from_patches
 
 PATCH, MERGE, TEMPORAL, CHANNELS = 4, 2, 2, 3  # the tiny model's vision config
@@ -328,7 +328,7 @@ def test_a_scorer_running_the_model_itself_leaves_decode_positions_alone():
 
 
 def test_the_patched_qwen2_vl_scores_its_own_frames():
-    from vtprune.evals.toy_processor import build_qwen2_vl_processor
+    from vtprune.evals.models.processors import build_qwen2_vl_processor
     from vtprune.methods import quota
 
     question = "what is the man holding ?"

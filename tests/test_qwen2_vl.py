@@ -12,7 +12,7 @@ import torch
 from conftest import hook_counts
 
 import vtprune
-from vtprune.evals.toy_models import (
+from vtprune.evals.models.transformers_vlms import (
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
     left_pad,

@@ -238,7 +238,7 @@ def save_llava_original(path, corpus: list[str], *, answer: str | None = None, s
     """
     from pathlib import Path
 
-    from vtprune.evals.toy_processor import build_tokenizer
+    from vtprune.evals.models.processors import build_tokenizer
 
     path = Path(path).resolve()
     if "llava" not in path.name.lower():

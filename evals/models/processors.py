@@ -1,7 +1,7 @@
 """An offline tokenizer and ``LlavaProcessor`` (nothing is downloaded).
 
 The tokenizer is word-level, trained in milliseconds with ``tokenizers`` on a corpus the
-caller gives. Special ids are fixed so that they match :mod:`vtprune.evals.toy_models`:
+caller gives. Special ids are fixed so that they match :mod:`vtprune.evals.models.transformers_vlms`:
 ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, ``<image>`` = 3.
 """
 
@@ -18,7 +18,7 @@ VIDEO_SPECIAL_TOKENS = [
     "<image>",
     "<video>",
     "<unk>",
-]  # <video> = 4 (toy_models.VIDEO_TOKEN_ID)
+]  # <video> = 4 (transformers_vlms.VIDEO_TOKEN_ID)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
@@ -76,11 +76,11 @@ def build_processor(
 def build_onevision_processor(
     corpus: list[str], image_size: int = 32, pinpoints=None, vocab_size: int = 128, patch_size: int = 8
 ):
-    """A ``LlavaOnevisionProcessor`` (images and videos) for ``toy_models.tiny_llava_onevision``
+    """A ``LlavaOnevisionProcessor`` (images and videos) for ``transformers_vlms.tiny_llava_onevision``
     (or ``llava_onevision_shaped`` with ``image_size=384, patch_size=14``)."""
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
-    from vtprune.evals.toy_models import ONEVISION_PINPOINTS
+    from vtprune.evals.models.transformers_vlms import ONEVISION_PINPOINTS
 
     size = {"height": image_size, "width": image_size}
     return LlavaOnevisionProcessor(
@@ -93,7 +93,7 @@ def build_onevision_processor(
     )
 
 
-QWEN2_VL_SPECIAL_TOKENS = [  # ids match toy_models: image 3, video 4, vision start 5, vision end 6
+QWEN2_VL_SPECIAL_TOKENS = [  # ids match transformers_vlms: image 3, video 4, vision start 5, vision end 6
     "<pad>",
     "<s>",
     "</s>",
@@ -109,7 +109,7 @@ QWEN2_VL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|i
 
 
 def build_qwen2_vl_processor(corpus: list[str], vocab_size: int = 128, max_side: int = 64):
-    """A ``Qwen2VLProcessor`` (images and videos) for ``toy_models.tiny_qwen2_vl`` (4 px patches, 2 x 2 merge)."""
+    """A ``Qwen2VLProcessor`` (images and videos) for ``transformers_vlms.tiny_qwen2_vl`` (4 px patches, 2x2 merge)."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     sizes = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 64, "max_pixels": max_side**2}
