@@ -43,7 +43,7 @@ def onevision_processor(image_size: int = 384, patch_size: int = 14):
 def video_inputs(processor, frames: int, image_size: int, device) -> dict:
     """One chat turn: a video of ``frames`` random frames (pixels in [0, 1]) and QUESTION."""
     pictures = torch.rand(frames, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    text = quota._user_turn(processor, [{"type": "video"}, {"type": "text", "text": QUESTION}])
+    text = quota.chat_turn(processor, [{"type": "video"}, {"type": "text", "text": QUESTION}])
     inputs = processor(text=[text], videos=[pictures], return_tensors="pt", do_rescale=False)
     return {key: value.to(device) for key, value in inputs.items()}
 
@@ -55,6 +55,9 @@ class TimedScorer:
     def __init__(self, model, processor):
         self.scorer, self.language_model = quota.ModelScorer(model, processor), model.model.language_model
         self.seconds, self.decoder_seconds = [], []
+
+    def bind(self, model, handle):  # quota hands the patched model's handle on (its pruning is suspended while scoring)
+        self.scorer.bind(model, handle)
 
     def __call__(self, frames, prompt):
         watch = StopWatch(self.language_model)

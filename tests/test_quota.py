@@ -298,14 +298,14 @@ def processed_video(frames=4, seed=0):
     """A video through the processor: pixels in [0, 1], the chat prompt with its <video> placeholders."""
     processor = onevision_processor()
     pictures = torch.rand(frames, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    text = quota_module._user_turn(processor, [{"type": "video"}, {"type": "text", "text": QUESTION}])
+    text = quota_module.chat_turn(processor, [{"type": "video"}, {"type": "text", "text": QUESTION}])
     return dict(processor(text=[text], videos=[pictures], return_tensors="pt", do_rescale=False)), pictures
 
 
 def yes_probability_by_hand(m, picture, prompt):
     """The unpatched model on one frame as a one-frame video: softmax of the last logits at "A"."""
     processor = onevision_processor()
-    text = quota_module._user_turn(processor, [{"type": "video"}, {"type": "text", "text": prompt}])
+    text = quota_module.chat_turn(processor, [{"type": "video"}, {"type": "text", "text": prompt}])
     inputs = processor(text=[text], videos=[picture[None]], return_tensors="pt", do_rescale=False)
     with torch.no_grad():
         logits = m(**inputs).logits[0, -1]
@@ -355,7 +355,7 @@ def test_the_patched_model_decouples_the_query():
     processor = onevision_processor()
     kw, _ = processed_video(seed=10)
     template = quota_module.DECOUPLE_TEMPLATE.format(question=QUESTION)
-    text = quota_module._user_turn(processor, [{"type": "text", "text": template}])
+    text = quota_module.chat_turn(processor, [{"type": "text", "text": template}])
     ids = processor.tokenizer([text], return_tensors="pt")
     with torch.no_grad():  # what the unpatched model answers, text only
         out = m.generate(**ids, do_sample=False, max_new_tokens=5)
@@ -387,7 +387,7 @@ def processed_images(sizes, seed=0):
     generator = torch.Generator().manual_seed(seed)
     pictures = [torch.rand(3, h, w, generator=generator) for h, w in sizes]
     parts = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": QUESTION}]
-    text = quota_module._user_turn(onevision_processor(), parts)
+    text = quota_module.chat_turn(onevision_processor(), parts)
     return dict(onevision_processor()(text=[text], images=[pictures], return_tensors="pt", do_rescale=False))
 
 
@@ -460,7 +460,7 @@ def test_image_frames_are_the_base_views_and_each_prompt_of_a_batch_is_its_own_f
     # a batch of two one-image prompts: two frame sets, each as alone
     processor, generator = onevision_processor(), torch.Generator().manual_seed(4)
     pictures = [torch.rand(3, 60, 40, generator=generator), torch.rand(3, 32, 32, generator=generator)]
-    text = quota_module._user_turn(processor, [{"type": "image"}, {"type": "text", "text": QUESTION}])
+    text = quota_module.chat_turn(processor, [{"type": "image"}, {"type": "text", "text": QUESTION}])
     with vtprune.patched(m, "quota", scorer=by_pixels, query=QUESTION, keep_ratio=0.25) as handle, torch.no_grad():
         alone = []
         for picture in pictures:
@@ -482,6 +482,6 @@ def test_image_frames_are_the_base_views_and_each_prompt_of_a_batch_is_its_own_f
 
 def both_kinds():
     parts = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": QUESTION}]
-    text = quota_module._user_turn(onevision_processor(), parts)
+    text = quota_module.chat_turn(onevision_processor(), parts)
     media = {"images": [torch.rand(3, 32, 32)], "videos": [torch.rand(2, 3, 32, 32)]}
     return dict(onevision_processor()(text=[text], **media, return_tensors="pt", do_rescale=False))

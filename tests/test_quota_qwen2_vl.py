@@ -336,12 +336,12 @@ def test_the_patched_qwen2_vl_scores_its_own_frames():
     m = model()
     pictures = torch.rand(6, CHANNELS, 16, 16, generator=torch.Generator().manual_seed(5))  # t = 3 slices
     video = [{"type": "video"}, {"type": "text", "text": question}]
-    kw = processor(text=[quota._user_turn(processor, video)], videos=[pictures], return_tensors="pt", do_rescale=False)
+    kw = processor(text=[quota.chat_turn(processor, video)], videos=[pictures], return_tensors="pt", do_rescale=False)
     yes = processor.tokenizer.convert_tokens_to_ids("A")
     expected = []
     for picture in pictures[::TEMPORAL]:  # a slice's frame: the first of its temporal pair, as a one-frame video
         parts = [{"type": "video"}, {"type": "text", "text": quota.scoring_prompt(question, None)}]
-        turn = quota._user_turn(processor, parts)
+        turn = quota.chat_turn(processor, parts)
         one = processor(text=[turn], videos=[picture[None]], return_tensors="pt", do_rescale=False)
         with torch.no_grad():
             expected.append(m(**one).logits[0, -1].softmax(dim=-1)[yes])

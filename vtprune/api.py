@@ -27,7 +27,7 @@ def patch(model, method, **options) -> PruneHandle:
     methods = build_methods(method, options)
     handle = PruneHandle(model=model, methods=methods)
     for stage in methods:
-        stage.bind(model)
+        stage.bind(model, handle)
     try:
         adapter.install(handle, methods)
     except BaseException:

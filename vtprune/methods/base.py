@@ -109,8 +109,10 @@ class Method:
     def __init__(self, config: MethodConfig):
         self.config = config
 
-    def bind(self, model) -> None:
-        """Called once by ``vtprune.patch`` with the model being patched (quota scores with it)."""
+    def bind(self, model, handle) -> None:
+        """Called once by ``vtprune.patch`` with the model being patched and its handle, before the
+        adapter installs anything: what a method needs from its caller comes from here (quota scores
+        with the model and suspends the pruning through ``handle.suspended``)."""
 
     def vision_probes(self) -> dict[str, tuple[str, int | str]]:
         """Attention rows the adapter computes in the vision tower: name -> (kind, layer).

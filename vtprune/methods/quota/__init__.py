@@ -1,5 +1,9 @@
 """QuoTA (method ``quota``): query-oriented per-frame token budgets and grid resizing.
 
+Parts: :mod:`.plan` (budgets, grids, resizing, the plan of a frame set), :mod:`.prompts` (the
+decoupling and scoring prompts), :mod:`.scorer` (a VLM as scorer and decoupler); this module holds
+the config and the method.
+
 Paper: "QuoTA: Query-oriented Token Assignment via CoT Query Decouple for Long Video
 Comprehension" (arXiv 2503.08689); official code MAC-AutoML/QuoTA (``core/llava_arch.py``
 ``token_compress`` version v1, ``quota_pipeline.py``).
@@ -43,198 +47,42 @@ Rules, as in the official v1 code:
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import math
-import re
 import time
 import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vtprune.methods.base import Method, MethodConfig
+from vtprune.methods.quota.plan import REDUCE_MODES, FramePlan, frame_budgets, frame_grid, plan_stats, resize_frame
+from vtprune.methods.quota.prompts import (
+    DECOUPLE_TEMPLATE,
+    ENTITY_PROMPT,
+    QUESTION_PROMPT,
+    chat_turn,
+    parse_entities,
+    scoring_prompt,
+)
+from vtprune.methods.quota.scorer import ModelDecoupler, ModelScorer
 from vtprune.registry import register_method
 
-REDUCE_MODES = ("bilinear", "pool", "uniform")
-
-
-def frame_budgets(yes_probability: torch.Tensor, total: int) -> torch.Tensor:
-    """(F,) yes-probabilities in [0, 1] and the total budget T -> (F,) long tokens per frame, sum <= T.
-
-    All-zero probabilities (no frame relevant) fall back to equal weights.
-    """
-    if total < 0:
-        raise ValueError(f"quota: the total budget must be >= 0, got {total}")
-    p = yes_probability.double()
-    if p.numel() == 0:
-        raise ValueError("quota: no frames to assign a budget to")
-    if bool(((p < 0) | (p > 1) | p.isnan()).any()):
-        raise ValueError("quota: yes-probabilities must lie in [0, 1]")
-    weights = (100.0 * p) ** 2
-    if float(weights.sum()) == 0.0:
-        weights = torch.ones_like(weights)
-    weights = weights / weights.sum()
-    return (total * weights).floor().long()
-
-
-def frame_grid(tokens: int, native: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The grid for ``tokens`` (> 0) tokens: (h, w) with h * w <= tokens.
-
-    Square frames (``native`` None or H == W): the official v1 rule. A non-square native (H, W)
-    grid (Qwen2-VL's native resolution; the official code only meets square SigLIP frames) keeps
-    its aspect ratio: h = floor(sqrt(n H / W)) (1 <= h <= n), w = floor(n / h); n = H W gives (H, W).
-    """
-    if native is not None and native[0] != native[1]:
-        height, width = native
-        h = max(1, min(tokens, math.isqrt(tokens * height // width)))
-        return h, tokens // h
-    h = w = math.isqrt(tokens)
-    if h * w < tokens and (h + 1) * w <= tokens:
-        h += 1
-    return h, w
-
-
-def resize_frame(features: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """(H, W, D) frame features -> (h, w, D) by the chosen reduction."""
-    if mode not in REDUCE_MODES:
-        raise ValueError(f"quota: reduce must be one of {REDUCE_MODES}, got {mode!r}")
-    grid = features.permute(2, 0, 1)[None]  # (1, D, H, W)
-    if mode == "bilinear":
-        out = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-    elif mode == "pool":
-        out = F.adaptive_avg_pool2d(grid, size)
-    else:
-        rows = torch.linspace(0, features.shape[0] - 1, size[0]).round().long()
-        cols = torch.linspace(0, features.shape[1] - 1, size[1]).round().long()
-        out = grid[:, :, rows][:, :, :, cols]
-    return out[0].permute(1, 2, 0)
-
-
-# -- the method --------------------------------------------------------------------------------
-
-DECOUPLE_TEMPLATE = (
-    "Question: {question}\n"
-    "Answer in three steps.\n"
-    "Step 1: is it necessary to detect specific physical entities to answer the question? Answer yes or no.\n"
-    "Step 2: list the objects mentioned in the question as a Python list.\n"
-    "Step 3: keep only the physical entities, as a Python list.\n"
-    "Example: Question: What color is the dog chasing the ball?\n"
-    "Step 1: yes\nStep 2: ['dog', 'ball', 'color']\nStep 3: ['dog', 'ball']\n"
-)
-ENTITY_PROMPT = (
-    "Does the image contain any object of {entities}? A. yes, B. no\nAnswer with the option's letter directly."
-)
-QUESTION_PROMPT = (
-    "{question}\nDoes the image contain sufficient information to answer the given question? A. yes, B. no\n"
-    "Answer with the option's letter directly."
-)
-
-
-def parse_entities(output: str) -> list[str] | None:
-    """The decoupler's answer -> entities, or None (no entities needed, or unparseable).
-
-    As the official pipeline: regexes ``step 1: (yes|no)`` and ``step 3: (\\[[^\\]]*\\])`` on the
-    lower-cased text; the list is read with ``ast.literal_eval`` (the official code ``eval``s it).
-    """
-    text = str(output).lower()
-    step1 = re.search(r"step 1: (yes|no)", text)
-    if step1 is None or step1.group(1) != "yes":
-        return None
-    step3 = re.search(r"step 3: (\[[^\]]*\])", text)
-    if step3 is None:
-        return None
-    try:
-        value = ast.literal_eval(step3.group(1))
-    except (ValueError, SyntaxError):
-        return None
-    if not isinstance(value, (list, tuple)):
-        return None
-    entities = [str(item).strip() for item in value if str(item).strip()]
-    return entities or None
-
-
-def scoring_prompt(question: str, entities: list[str] | None) -> str:
-    if entities:
-        return ENTITY_PROMPT.format(entities="{" + ", ".join(entities) + "}")
-    return QUESTION_PROMPT.format(question=question)
-
-
-# -- the patched model (or another VLM) as scorer and decoupler ------------------------------------
-
-
-def _suspended(model):
-    """Inside a forward of a vtprune-patched ``model``, call it unpruned (no-op when not patched)."""
-    from vtprune.api import get_handle
-
-    handle = get_handle(model)
-    return handle.suspended() if handle is not None else contextlib.nullcontext()
-
-
-def _user_turn(processor, parts: list[dict]) -> str:
-    messages = [{"role": "user", "content": parts}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
-class ModelScorer:
-    """A VLM as QuoTA's frame scorer: one forward per frame, p(yes) = softmax(logits[:, -1])[id of "A"].
-
-    As the official ``frame_retrieve``: each frame alone with the scoring prompt in one chat turn,
-    the probability of the option letter for yes over the whole vocabulary at the last position.
-    ``model`` / ``processor``: any VLM its processor can feed (default: the patched model itself,
-    built by quota from ``processor=``; a patched ``model`` is run with its pruning suspended).
-    Frames arrive normalised as the patched model received them; they are mapped back to [0, 1]
-    with ``source``'s mean and std (default: ``processor``'s video processor, else its image
-    processor: right for the patched model itself; pass the patched model's processor as
-    ``source`` when scoring with another VLM) and handed to ``processor`` with
-    ``do_rescale=False``: as one-frame videos when the processor has a video processor
-    (``as_video``; the frame costs what it costs in the video), else as images (the official
-    scorer, Qwen2-VL-2B, takes each frame as an image).
-    """
-
-    def __init__(self, model, processor, source=None, as_video: bool | None = None, yes: str = "A"):
-        self.model, self.processor = model, processor
-        self.as_video = getattr(processor, "video_processor", None) is not None if as_video is None else as_video
-        source = source if source is not None else processor
-        normaliser = getattr(source, "video_processor", None) or source.image_processor
-        self.mean = torch.tensor(normaliser.image_mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(normaliser.image_std, dtype=torch.float32).view(-1, 1, 1)
-        ids = processor.tokenizer.encode(yes, add_special_tokens=False)
-        if len(ids) != 1 or ids[0] == processor.tokenizer.unk_token_id:
-            raise ValueError(f"quota: the scorer's tokenizer has no single token for the yes option {yes!r}: {ids}")
-        self.yes_id = ids[0]
-
-    @torch.no_grad()
-    def __call__(self, frames: torch.Tensor, prompt: str) -> torch.Tensor:
-        """(n, C, H, W) normalised frames -> (n,) fp32 yes-probabilities."""
-        pictures = (frames.float().cpu() * self.std + self.mean).clamp(0, 1)
-        kind = "video" if self.as_video else "image"
-        text = _user_turn(self.processor, [{"type": kind}, {"type": "text", "text": prompt}])
-        media = {"videos": [p[None] for p in pictures]} if self.as_video else {"images": list(pictures)}
-        inputs = self.processor(
-            text=[text] * len(pictures), **media, return_tensors="pt", padding=True, do_rescale=False
-        )
-        dtype = next(self.model.parameters()).dtype
-        inputs = {k: v.to(self.model.device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-        with _suspended(self.model):
-            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]  # the last position only
-        return logits.float().softmax(dim=-1)[:, self.yes_id]
-
-
-class ModelDecoupler:
-    """A VLM, text only, as QuoTA's CoT query decoupler: greedy generation on the chat-formatted prompt."""
-
-    def __init__(self, model, processor, max_new_tokens: int = 256):
-        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
-
-    @torch.no_grad()
-    def __call__(self, prompt: str) -> str:
-        text = _user_turn(self.processor, [{"type": "text", "text": prompt}])
-        inputs = self.processor.tokenizer([text], return_tensors="pt").to(self.model.device)
-        with _suspended(self.model):
-            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
-        return self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+__all__ = [
+    "DECOUPLE_TEMPLATE",
+    "ENTITY_PROMPT",
+    "QUESTION_PROMPT",
+    "FramePlan",
+    "ModelDecoupler",
+    "ModelScorer",
+    "Quota",
+    "QuotaConfig",
+    "chat_turn",
+    "frame_budgets",
+    "frame_grid",
+    "parse_entities",
+    "resize_frame",
+    "scoring_prompt",
+]
 
 
 def _positive_int_or_none(name, value):
@@ -303,36 +151,6 @@ class QuotaConfig(MethodConfig):
             raise ValueError(f"quota: keep_ratio must be in (0, 1], got {self.keep_ratio}")
 
 
-@dataclass
-class FramePlan:
-    """QuoTA's decision for one video: per-frame tokens and grids, and the new frame tokens."""
-
-    yes_probability: list[float]
-    tokens: list[int]  # int(T * w_i) per frame; 0 = dropped
-    grids: list[tuple[int, int] | None]  # (h, w) per frame, None when dropped
-    features: torch.Tensor  # (sum h * w, D): the kept frames' resized grids, raster order, frames in order
-    entities: list[str] | None
-    scoring_seconds: float
-    decouple_seconds: float
-
-    @property
-    def frame_sizes(self) -> list[int]:
-        """Tokens each frame brings after resizing: h * w, 0 when dropped."""
-        return [grid[0] * grid[1] if grid else 0 for grid in self.grids]
-
-
-def plan_stats(plans: list[FramePlan]) -> dict:
-    """``handle.last.extra`` of one prefill: the scorer's and decoupler's time, each frame set's plan."""
-    return {
-        "scoring_seconds": sum(p.scoring_seconds for p in plans),
-        "decouple_seconds": sum(p.decouple_seconds for p in plans),
-        "frame_tokens": [p.tokens for p in plans],
-        "frame_grids": [p.grids for p in plans],
-        "yes_probability": [p.yes_probability for p in plans],
-        "entities": [p.entities for p in plans],
-    }
-
-
 @register_method
 class Quota(Method):
     """QuoTA (arXiv 2503.08689): query-oriented per-frame token budgets before the LLM.
@@ -367,13 +185,24 @@ class Quota(Method):
         super().__init__(config)
         self.scorer, self.decoupler = config.scorer, config.decoupler
 
-    def bind(self, model) -> None:
-        """The patched model scores its own frames (and decouples queries) unless callables were given."""
+    def bind(self, model, handle) -> None:
+        """The patched model scores its own frames (and decouples queries) unless callables were given.
+
+        A scorer or decoupler with a ``bind(model, handle)`` method is handed the patched model's
+        handle: :class:`ModelScorer` / :class:`ModelDecoupler` on the patched model itself then run
+        it with its pruning suspended (``handle.suspended``)."""
         config = self.config
         if self.scorer is None:
             self.scorer = ModelScorer(model, config.processor)
         if config.decouple and self.decoupler is None:
             self.decoupler = ModelDecoupler(model, config.processor, config.decouple_max_new_tokens)
+        for helper in (self.scorer, self.decoupler):
+            if callable(getattr(helper, "bind", None)):  # ModelScorer, ModelDecoupler, or a user's wrapper of them
+                helper.bind(model, handle)
+
+    def plan_stats(self, plans: list[FramePlan]) -> dict:
+        """``handle.last.extra`` of one prefill: the scorer's and decoupler's time, each frame set's plan."""
+        return plan_stats(plans)
 
     def keeps_everything(self, layout=None) -> bool:
         return False
