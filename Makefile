@@ -54,9 +54,9 @@ test: lint
 	$(MAKE) test-llava
 
 bench: install
-	$(PY) -m vtprune.evals.bench --repeats 3 --threads 1 --clock cpu --json bench_out/bench.json
-	$(PY) -m vtprune.evals.bench_anyres --repeats 1 --threads 1 --clock cpu --json bench_out/bench_anyres.json
-	$(PY) -m vtprune.evals.bench_video --repeats 3 --threads 1 --clock cpu --json bench_out/bench_video.json
+	$(PY) -m vtprune.evals.bench.llava15 --repeats 3 --threads 1 --clock cpu --json bench_out/bench.json
+	$(PY) -m vtprune.evals.bench.anyres --repeats 1 --threads 1 --clock cpu --json bench_out/bench_anyres.json
+	$(PY) -m vtprune.evals.bench.video --repeats 3 --threads 1 --clock cpu --json bench_out/bench_video.json
 
 clean:
 	rm -rf $(VENV) $(LLAVA_VENV) demo_out bench_out build *.egg-info

@@ -1,10 +1,10 @@
 """``make demo``: prune the ShapesVQA reference model with every method; accuracy, tokens and time.
 
-The default demo loads the committed reference model (``evals/assets/reference_model``: a
+The default demo loads the committed reference model (``evals/reference/checkpoint``: a
 small LLaVA trained on ShapesVQA, 144 visual tokens per 96 x 96 image, 97.6 % on the held-out
 test split) and evaluates it on a slice of that split, unpruned and under every method that
 runs on a single-resolution LLaVA at keep ratios 0.5 / 0.25 / 0.1 (the in-LLM methods at
-comparable budgets, see ``reference_eval.budget_options``). Per configuration it prints the
+comparable budgets, see ``vtprune.evals.reference.evaluate.budget_options``). Per configuration it prints the
 accuracy (and on the location questions), the visual tokens kept, the visual tokens per LLM
 layer and the LLM prefill time per sample; methods the model cannot run are listed with the
 reason. It writes ``accuracy_vs_tokens.png``, ``kept_patches.png`` (which patches each method
@@ -28,10 +28,11 @@ import torch
 from transformers import CLIPImageProcessor
 
 import vtprune
-from vtprune.evals import reference_eval, shapes_vqa
 from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, build_llava, llava15_shaped_config
+from vtprune.evals.reference import evaluate as reference_eval
+from vtprune.evals.reference import shapes_vqa
 from vtprune.evals.sample_image import load_sample
-from vtprune.evals.visualize import kept_patch_overlay, panel
+from vtprune.evals.sweep.kept_patches import kept_patch_overlay, panel
 
 METHODS = ("fastervlm", "uniform", "random")  # the speed demo's
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)  # the speed demo's
@@ -103,7 +104,7 @@ def run(
     image_index: int = 0,
     log=print,
 ) -> list[dict]:
-    """The reference-model demo; returns ``reference_eval.sweep``'s rows."""
+    """The reference-model demo; returns ``vtprune.evals.reference.evaluate.sweep``'s rows."""
     model, processor = reference_eval.load_reference_model()
     records = shapes_vqa.make_split("test", num)
     log(

@@ -3,7 +3,7 @@
 import torch
 
 from vtprune.evals import demo
-from vtprune.evals.bench import benchmark_inputs, time_configs
+from vtprune.evals.bench.llava15 import benchmark_inputs, time_configs
 from vtprune.evals.models.transformers_vlms import tiny_llava
 
 
@@ -33,7 +33,7 @@ def test_speed_demo_prints_methods_and_ratios_and_draws_kept_patches(tmp_path, c
 
 
 def test_video_bench_rows_follow_the_budget_arithmetic():
-    from vtprune.evals import bench_video
+    from vtprune.evals.bench import video as bench_video
     from vtprune.evals.models.transformers_vlms import tiny_llava_onevision
 
     frames, per_frame = 6, 4  # the tiny model: 32 px, patch 8 -> 4 x 4 pooled to 2 x 2 per frame

@@ -9,7 +9,7 @@ import pytest
 from eval_helpers import TOKENS_PER_IMAGE, run_lmms_eval, save_toy_model
 
 import vtprune
-from vtprune.evals.lmms_plugin import ModelArgs, parse_model_args
+from vtprune.evals.lmms.plugin import ModelArgs, parse_model_args
 from vtprune.evals.models.processors import build_tokenizer
 from vtprune.evals.tasks import shapes
 from vtprune.evals.tasks.make_task import make_builtin_task
@@ -212,7 +212,7 @@ def test_a_key_both_take_goes_to_the_base_and_the_spec_reaches_the_method():
 def test_quota_gets_the_base_processor_and_each_request_as_its_query():
     from types import SimpleNamespace
 
-    from vtprune.evals.lmms_plugin import VTPruneLMM
+    from vtprune.evals.lmms.plugin import VTPruneLMM
 
     processor = object()
     wrapper = SimpleNamespace(_base=SimpleNamespace(_image_processor=processor), options={}, handle=None)

@@ -15,8 +15,8 @@ import pytest
 from eval_helpers import offline_env
 
 import vtprune
-from vtprune.evals import shapes_vqa
-from vtprune.evals.reference_eval import (
+from vtprune.evals.reference import shapes_vqa
+from vtprune.evals.reference.evaluate import (
     REFERENCE_DIR,
     evaluate,
     generate_answers,

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from vtprune.evals import shapes_vqa
-from vtprune.evals.reference_eval import REFERENCE_DIR, TEST_SLICE, evaluate, load_reference_model
-from vtprune.evals.train_reference import build_reference_model, parse_args, train
+from vtprune.evals.reference import shapes_vqa
+from vtprune.evals.reference.evaluate import REFERENCE_DIR, TEST_SLICE, evaluate, load_reference_model
+from vtprune.evals.reference.train import build_reference_model, parse_args, train
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +96,8 @@ def test_package_data_ships_every_checkpoint_file():
 
     setup = configparser.ConfigParser()
     setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
-    patterns = [p.strip() for p in setup["options.package_data"]["vtprune.evals"].split(",")]
-    evals_dir = REFERENCE_DIR.parent.parent
-    files = [p.relative_to(evals_dir).as_posix() for p in REFERENCE_DIR.iterdir()]
-    assert "assets/reference_model/model.safetensors" in files
+    patterns = [p.strip() for p in setup["options.package_data"]["vtprune.evals.reference"].split(",")]
+    package_dir = REFERENCE_DIR.parent
+    files = [p.relative_to(package_dir).as_posix() for p in REFERENCE_DIR.iterdir()]
+    assert "checkpoint/model.safetensors" in files
     assert all(any(fnmatch(f, pattern) for pattern in patterns) for f in files), (files, patterns)

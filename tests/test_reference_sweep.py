@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.evals import shapes_vqa
-from vtprune.evals.reference_eval import (
+from vtprune.evals.reference import shapes_vqa
+from vtprune.evals.reference.evaluate import (
     TEST_SLICE,
     budget_options,
     evaluate,

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vtprune.evals import shapes_vqa as sv
+from vtprune.evals.reference import shapes_vqa as sv
 
 
 def fingerprint(records) -> str:

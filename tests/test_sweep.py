@@ -11,7 +11,8 @@ from eval_helpers import TOKENS_PER_IMAGE, save_toy_model
 from PIL import Image
 
 from vtprune.cli import main as vtprune_main
-from vtprune.evals import report, sweep
+from vtprune.evals.sweep import report
+from vtprune.evals.sweep import runner as sweep
 from vtprune.evals.tasks import shapes
 from vtprune.evals.tasks.make_task import make_builtin_task
 

@@ -4,7 +4,7 @@
                  --ratios 0.25 0.1 --tasks vtprune_shapes --out sweep_out
     vtprune methods | vtprune presets           what can be swept
     vtprune make-task --out DIR                 write the built-in offline lmms-eval task
-    vtprune bench ... | vtprune demo ...        vtprune.evals.bench / vtprune.evals.demo
+    vtprune bench ... | vtprune demo ...        vtprune.evals.bench.llava15 / vtprune.evals.demo
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ import time
 from pathlib import Path
 
 # subcommands that hand their arguments to another module's main(argv)
-DELEGATED = {"bench": "vtprune.evals.bench", "demo": "vtprune.evals.demo", "make-task": "vtprune.evals.tasks.make_task"}
+DELEGATED = {
+    "bench": "vtprune.evals.bench.llava15",
+    "demo": "vtprune.evals.demo",
+    "make-task": "vtprune.evals.tasks.make_task",
+}
 
 
 def _eval_parser(sub) -> None:
@@ -101,7 +105,7 @@ def _quiet_lmms_eval_logs() -> None:
 def run_eval(args) -> int:
     from lmms_eval.utils import simple_parse_args_string
 
-    from vtprune.evals.sweep import ConfigError, plan, run_sweep
+    from vtprune.evals.sweep.runner import ConfigError, plan, run_sweep
 
     try:  # bad flags: a one-line error, exit status 2
         configs = plan(args.methods, args.ratios, args.presets, args.configs, baseline=not args.no_baseline)

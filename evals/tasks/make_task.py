@@ -6,7 +6,7 @@ Built-in tasks:
 
 - ``vtprune_shapes``: two coloured shapes, "What colour is the square?" (32 records by
   default, drawn from ``--seed``); the question is followed by "Answer with one word.".
-- ``vtprune_shapesvqa``: the held-out test split of ShapesVQA (``vtprune.evals.shapes_vqa``),
+- ``vtprune_shapesvqa``: the held-out test split of ShapesVQA (``vtprune.evals.reference.shapes_vqa``),
   records 0..n-1 (1400 by default, the split the reference model's accuracy is reported on),
   prompted with the bare question as the reference model was trained. The split is fixed, so
   ``--seed`` does not apply.
@@ -24,7 +24,7 @@ from vtprune.evals.tasks.offline import write_task
 
 
 def _shapesvqa_test(n: int, seed: int = 0) -> list[dict]:
-    from vtprune.evals import shapes_vqa
+    from vtprune.evals.reference import shapes_vqa
 
     return shapes_vqa.make_split("test", n)
 

@@ -4,7 +4,7 @@ For each configuration the loaded model is patched (``vtprune.patch``), evaluate
 lmms-eval's ``simple_evaluate`` on every task, and unpatched. Per configuration and task it
 records lmms-eval's metric, visual tokens kept, LLM prefill FLOPs, time to first token,
 decode tokens/s and peak memory, then writes results.json / .csv / .md, two plots and images
-of the kept patches of a few samples (:mod:`vtprune.evals.report`).
+of the kept patches of a few samples (:mod:`vtprune.evals.sweep.report`).
 
 Resumable: each finished configuration is written to ``OUT/runs/<id>.json`` at once
 (atomically); a restarted sweep skips those and evaluates the rest. The id hashes the
@@ -28,8 +28,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vtprune.config import parse_spec
-from vtprune.evals.measure import peak_memory, reset_peak_memory
-from vtprune.evals.stats import summarize
+from vtprune.evals.lmms.measure import peak_memory, reset_peak_memory
+from vtprune.evals.lmms.stats import summarize
 from vtprune.presets import get_preset, is_preset
 from vtprune.registry import get_method
 
@@ -232,7 +232,7 @@ def run_sweep(
     ``model_args``: the ``vtprune`` lmms-eval model's keys for the base model (``base``,
     ``pretrained``, ``device``...), without ``method``/``preset``. Returns the report's paths.
     """
-    from vtprune.evals.report import write_report
+    from vtprune.evals.sweep.report import write_report
 
     for key in ("method", "preset"):
         if key in model_args:
@@ -254,7 +254,7 @@ def run_sweep(
 
 
 def _run_pending(model_args, pending, tasks, out_dir, include_path, limit, examples, warmup) -> None:
-    from vtprune.evals.lmms_plugin import VTPruneLMM
+    from vtprune.evals.lmms.plugin import VTPruneLMM
 
     manager = _task_manager(list(tasks), include_path)
     lm = VTPruneLMM(**model_args, method="none", examples=examples)

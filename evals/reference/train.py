@@ -1,7 +1,7 @@
 """Train the reference LLaVA model on ShapesVQA, on CPU, seeded and reproducible.
 
-    python -m vtprune.evals.train_reference --out evals/assets/reference_model   # ~40 min, 2 cores
-    python -m vtprune.evals.train_reference --tiny --out /tmp/reference_tiny      # seconds
+    python -m vtprune.evals.reference.train --out evals/reference/checkpoint   # ~40 min, 2 cores
+    python -m vtprune.evals.reference.train --tiny --out /tmp/reference_tiny      # seconds
 
 The model is a standard ``LlavaForConditionalGeneration``: a CLIP ViT tower with a [CLS]
 token (96 x 96 pixels, 8-pixel patches: 144 visual tokens), LLaVA's two-layer MLP projector
@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtprune.evals import shapes_vqa as data
 from vtprune.evals.models.processors import build_processor
 from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, PAD_TOKEN_ID, build_llava, llava_config, text_config
+from vtprune.evals.reference import shapes_vqa as data
 
-REFERENCE_DIR = Path(__file__).resolve().parent / "assets" / "reference_model"
+REFERENCE_DIR = Path(__file__).resolve().parent / "checkpoint"
 GRID = data.IMAGE_SIZE // data.PATCH_SIZE  # 12 x 12 patches
 NUM_PATCHES = GRID * GRID
 IGNORE = -100
@@ -512,7 +512,7 @@ def train(settings: Settings, log=print) -> dict:
 
 def save(model, processor, settings: Settings, metrics: dict) -> dict:
     """Write the checkpoint, the processor and ``metrics.json`` (with the test accuracy)."""
-    from vtprune.evals.reference_eval import TEST_SLICE, evaluate
+    from vtprune.evals.reference.evaluate import TEST_SLICE, evaluate
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,8 +43,8 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from vtprune.config import build_methods, parse_spec
-from vtprune.evals.measure import GenerationProbe
-from vtprune.evals.stats import sample_record, summarize
+from vtprune.evals.lmms.measure import GenerationProbe
+from vtprune.evals.lmms.stats import sample_record, summarize
 from vtprune.presets import get_preset, is_preset
 from vtprune.registry import get_method
 
@@ -369,7 +369,7 @@ class VTPruneLMM(lmms):
 
     def _example(self, record: dict, prune, calls) -> dict | None:
         """Kept indices of one sample and its image as the model saw it (single-image samples)."""
-        from vtprune.evals.stats import model_view_image, visual_layout
+        from vtprune.evals.lmms.stats import model_view_image, visual_layout
 
         layout = visual_layout(self.hf_model)
         pixels = calls[0].pixel_values if calls else None
@@ -493,7 +493,7 @@ class PlaceholderProbe(GenerationProbe):
     """
 
     def __init__(self, model, placeholder_id: int):
-        from vtprune.evals.stats import visual_layout
+        from vtprune.evals.lmms.stats import visual_layout
 
         super().__init__(model, placeholder_id)
         adapter = _adapter(model)

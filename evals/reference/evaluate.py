@@ -1,7 +1,7 @@
 """Fast offline evaluation of the reference model on ShapesVQA, with or without pruning.
 
-    python -m vtprune.evals.reference_eval                      # every method x keep 0.5/0.25/0.1
-    python -m vtprune.evals.reference_eval --methods fastervlm --ratios 0.1 --num 140
+    python -m vtprune.evals.reference.evaluate                      # every method x keep 0.5/0.25/0.1
+    python -m vtprune.evals.reference.evaluate --methods fastervlm --ratios 0.1 --num 140
 
 Answers are generated greedily (``generate``, up to 4 new tokens, stopping at ``</s>``) from the
 processor's chat prompt, exactly as a user or lmms-eval would run the model, and scored by
@@ -33,9 +33,9 @@ import torch
 
 import vtprune
 from vtprune.config import build_methods, parse_spec
-from vtprune.evals import shapes_vqa
+from vtprune.evals.reference import shapes_vqa
 
-REFERENCE_DIR = Path(__file__).resolve().parent / "assets" / "reference_model"
+REFERENCE_DIR = Path(__file__).resolve().parent / "checkpoint"
 TEST_SLICE = 140  # records 0..139 of the test split (20 of each kind): the fast check of the tests
 RATIOS = (0.5, 0.25, 0.1)  # keep 1.0 is the unpruned model, which every sweep runs first
 LOCATION_KINDS = ("colour_at", "shape_at")  # "what colour is the object at the top left ?"

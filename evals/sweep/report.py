@@ -45,7 +45,7 @@ PLOTS = {
 
 def write_report(runs: list[dict], out_dir) -> dict:
     """Write every output of the report for finished ``runs``; returns name -> path."""
-    from vtprune.evals.sweep import task_rows
+    from vtprune.evals.sweep.runner import task_rows
 
     out_dir = Path(out_dir)
     rows = [row for run in runs for row in task_rows(run)]

@@ -562,7 +562,7 @@ def run_cli(argv, prog: str, description: str, run, format_table, default_repeat
     return 0
 
 
-CASES = {"--anyres": "vtprune.evals.bench_anyres", "--video": "vtprune.evals.bench_video"}
+CASES = {"--anyres": "vtprune.evals.bench.anyres", "--video": "vtprune.evals.bench.video"}
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ import statistics
 
 import torch
 
-from vtprune.evals.bench import StopWatch, clock, run_cli, time_configs
+from vtprune.evals.bench.llava15 import StopWatch, clock, run_cli, time_configs
 from vtprune.evals.models.processors import build_onevision_processor
 from vtprune.evals.models.transformers_vlms import llava_onevision_shaped
 from vtprune.methods import quota

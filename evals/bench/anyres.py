@@ -5,14 +5,14 @@ LLaVA-NeXT's AnyRes packing; one 672 x 672 image = base image + 2 x 2 crops = 5 
 patch tokens, 2928 image tokens with the row newlines. Random weights, fp32, SDPA. For
 fastervlm (the same k per sub-image, as its official code), fopru (rank), hired and
 globalcom2 at keep 0.25 and 0.1: median LLM prefill time next to the FLOPs-ideal speedup,
-timed round-robin as in :mod:`vtprune.evals.bench`.
+timed round-robin as in :mod:`vtprune.evals.bench.llava15`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vtprune.evals.bench import run_cli, time_configs
+from vtprune.evals.bench.llava15 import run_cli, time_configs
 from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, llava_next_shaped
 from vtprune.patches.llava_next import LlavaNextAdapter
 
