@@ -33,6 +33,7 @@ from vtprune.evals.reference import evaluate as reference_eval
 from vtprune.evals.reference import shapes_vqa
 from vtprune.evals.sample_image import load_sample
 from vtprune.evals.sweep.kept_patches import kept_patch_overlay, panel
+from vtprune.evals.sweep.report import Column, Table
 
 METHODS = ("fastervlm", "uniform", "random")  # the speed demo's
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)  # the speed demo's
@@ -52,18 +53,19 @@ def demo_methods() -> list[str]:
     return methods
 
 
-def _format(row: dict) -> str:
-    label = row["label"]
-    if "not_applicable" in row:
-        return f"{label:<29} not applicable: {row['not_applicable']}"
-    if "error" in row:
-        return f"{label:<29} {row['keep_ratio']:>5.2f} error: {row['error']}"
-    location = row.get("location_accuracy")
-    location = "" if location is None else f"{100 * location:.1f}"
-    return (
-        f"{label:<29} {row['keep_ratio']:>5.2f} {100 * row['accuracy']:>9.1f} {location:>10} "
-        f"{row['visual_tokens_kept']:>7.1f} {row['visual_tokens_per_layer']:>10.1f} {row['prefill_ms']:>11.2f}"
-    )
+# the reference sweep's columns, laid out for the terminal
+DEMO_TABLE = Table(
+    (
+        Column("method", reference_eval.cell_label, 29, "<"),
+        Column("keep", lambda row: f"{row['keep_ratio']:.2f}" if "keep_ratio" in row else "", 5),
+        Column("accuracy%", reference_eval.cell_percent("accuracy"), 9),
+        Column("location%", reference_eval.cell_percent("location_accuracy"), 10),
+        Column("kept", reference_eval.cell_tokens("visual_tokens_kept"), 7),
+        Column("per layer", reference_eval.cell_tokens("visual_tokens_per_layer"), 10),
+        Column("prefill ms", reference_eval.cell_prefill, 11),
+    ),
+    message_at=2,
+)
 
 
 def kept_patches_picture(model, processor, record: dict, rows: list[dict], ratio: float = PICTURE_RATIO):
@@ -112,10 +114,7 @@ def run(
         f"{model.config.text_config.num_hidden_layers}-layer LLM), test records 0..{num - 1}, "
         f"{torch.get_num_threads()} CPU threads"
     )
-    log(
-        f"{'method':<29} {'keep':>5} {'accuracy%':>9} {'location%':>10} {'kept':>7} {'per layer':>10} "
-        f"{'prefill ms':>11}"
-    )
+    log(DEMO_TABLE.text_header())
     rows = reference_eval.sweep(
         model,
         processor,
@@ -124,7 +123,7 @@ def run(
         keep_ratios,
         batch_size,
         log=log,
-        formatter=_format,
+        formatter=DEMO_TABLE.text_row,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     reference_eval.plot(rows, out_dir / "accuracy_vs_tokens.png")

@@ -10,10 +10,10 @@ import torch
 import vtprune
 from vtprune.evals.reference import shapes_vqa
 from vtprune.evals.reference.evaluate import (
+    REFERENCE_TABLE,
     TEST_SLICE,
     budget_options,
     evaluate,
-    format_table,
     keep_count,
     load_reference_model,
     sweep,
@@ -52,7 +52,7 @@ def test_methods_the_model_cannot_run_are_listed_not_errors(reference):
     assert [("error" in row, "not_applicable" in row) for row in rows[1:]] == [(False, True)] * 3
     assert rows[1]["not_applicable"].startswith("AnyRes only")
     assert rows[3]["not_applicable"].startswith("LLaVA-OneVision and Qwen2-VL only")
-    assert "not applicable: AnyRes only" in format_table(rows)
+    assert "not applicable: AnyRes only" in REFERENCE_TABLE.markdown(rows)
 
 
 def test_location_questions_need_original_positions(reference):

@@ -11,7 +11,7 @@ from eval_helpers import TOKENS_PER_IMAGE, save_toy_model
 from PIL import Image
 
 from vtprune.cli import main as vtprune_main
-from vtprune.evals.sweep import report
+from vtprune.evals.sweep import kept_patches, plots
 from vtprune.evals.sweep import runner as sweep
 from vtprune.evals.tasks import shapes
 from vtprune.evals.tasks.make_task import make_builtin_task
@@ -104,7 +104,7 @@ def test_two_methods_two_ratios_write_table_csv_json_and_plots(setup):
     for name in ("accuracy_vs_tokens", "prefill_vs_tokens"):
         with Image.open(paths[name]) as image:
             assert image.format == "PNG" and image.width > 200
-    lines = report.series(payload["rows"], "ttft_ms")["vtprune_shapes"]
+    lines = plots.series(payload["rows"], "ttft_ms")["vtprune_shapes"]
     assert sorted(lines) == ["fastervlm", "none", "uniform"]  # one line per method
     assert [x for x, _ in lines["fastervlm"]] == [4.0, 8.0]
 
@@ -165,16 +165,57 @@ def test_cli_rejects_bad_sweep_flags(capsys):
     assert "must not set method/preset" in capsys.readouterr().err
 
 
+def _cli_argv(setup, out, model_args=None, tasks="vtprune_shapes"):
+    model_args = model_args or ",".join(f"{k}={v}" for k, v in setup["model_args"].items())
+    flags = {"--model-args": model_args, "--tasks": tasks, "--include-path": setup["include"], "--limit": str(LIMIT)}
+    return ["eval", *(x for flag, value in flags.items() for x in (flag, value)), "--no-warmup", "--out", str(out)]
+
+
+def test_cli_methods_without_ratios_is_an_error_not_an_unpruned_only_run(setup, capsys):
+    out = setup["root"] / "no_ratios"
+    assert vtprune_main(_cli_argv(setup, out) + ["--methods", "uniform"]) == 2
+    assert "--methods uniform needs --ratios" in capsys.readouterr().err
+    assert not (out / "runs").exists()  # nothing was evaluated (it used to run only the unpruned model, exit 0)
+    assert vtprune_main(_cli_argv(setup, out) + ["--ratios", "0.5"]) == 2
+    assert "--ratios needs --methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("task", 2, "lmms-eval does not know task(s) 'vtprune_shapez' (did you mean vtprune_shapes"),
+        ("base", 1, "unknown base='llava_hff' (the lmms-eval model to wrap); did you mean llava_hf"),
+        ("folder", 1, "is neither a folder nor a model id on the Hub (HF_HUB_OFFLINE is set"),
+    ],
+)
+def test_cli_unknown_task_base_or_model_folder_is_one_line_naming_the_fix(setup, capsys, case, code, message):
+    out = setup["root"] / f"unknown_{case}"
+    model_args = {
+        "task": None,
+        "base": f"base=llava_hff,pretrained={setup['model_args']['pretrained']},device=cpu",
+        "folder": f"base=llava_hf,pretrained={out / 'no_such_model'},device=cpu",
+    }[case]
+    tasks = "vtprune_shapez" if case == "task" else "vtprune_shapes"
+    argv = _cli_argv(setup, out, model_args, tasks) + ["--methods", "uniform", "--ratios", "0.5"]
+    assert vtprune_main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    fix = {"task": "python -m lmms_eval tasks list", "base": "python -m lmms_eval models", "folder": "save_pretrained"}
+    assert fix[case] in err
+    assert len(err) < 600  # one message, not lmms-eval's list of its ~150 models
+
+
 def test_kept_patch_overlay_darkens_exactly_the_dropped_patches():
-    image = np.full((32, 32, 3), 200, dtype=np.uint8)
-    mask = report.kept_mask([0, 2, 6], grid=(4, 4), num_prefix=1)  # [CLS] (ignored), patches 1 and 5
+    image = Image.new("RGB", (32, 32), (200, 200, 200))
+    shaded = kept_patches.kept_patch_overlay(image, [0, 2, 6], grid=(4, 4), num_prefix=1)  # [CLS], patches 1, 5
     expected = np.zeros((4, 4), dtype=bool)
     expected[0, 1] = expected[1, 1] = True
-    assert (mask == expected).all()
-    shaded = report.overlay(image, mask, scale=2)
-    assert shaded.shape == (64, 64, 3)
-    bright = shaded[..., 0] == 200
-    assert (bright == np.kron(expected, np.ones((16, 16), dtype=bool))).all()
+    pixels = np.asarray(shaded)
+    assert pixels.shape == (32, 32, 3)
+    bright = (pixels == 200).all(axis=-1)
+    assert (bright == np.kron(expected, np.ones((8, 8), dtype=bool))).all()
+    assert (pixels[~bright] < 100).all()  # the dropped patches are darkened, not just tinted
 
 
 def test_cli_generates_the_builtin_task_and_rejects_a_budget_the_model_lacks(setup, capsys):

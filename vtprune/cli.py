@@ -37,8 +37,8 @@ def _eval_parser(sub) -> None:
         help="the vtprune lmms-eval model's base keys, e.g. base=llava_hf,pretrained=PATH,device=cuda",
     )
     p.add_argument("--tasks", nargs="+", required=True, help="lmms-eval task names (also comma-separated)")
-    p.add_argument("--methods", nargs="*", default=[], help="methods to sweep over --ratios")
-    p.add_argument("--ratios", nargs="*", type=float, default=[], help="keep ratios, e.g. 0.5 0.25 0.1")
+    p.add_argument("--methods", nargs="*", default=[], help="methods to sweep over --ratios (both needed)")
+    p.add_argument("--ratios", nargs="*", type=float, default=[], help="keep ratios for --methods, e.g. 0.5 0.25 0.1")
     p.add_argument("--presets", nargs="*", default=[], help="preset names (see `vtprune presets`)")
     p.add_argument(
         "--configs", nargs="*", default=[], help="spec strings, e.g. 'fastv:k=2,ratio=0.5' 'pdrop:layers=8;16;24'"
@@ -105,7 +105,8 @@ def _quiet_lmms_eval_logs() -> None:
 def run_eval(args) -> int:
     from lmms_eval.utils import simple_parse_args_string
 
-    from vtprune.evals.sweep.runner import ConfigError, plan, run_sweep
+    from vtprune.evals.lmms.plugin import EvalAbort
+    from vtprune.evals.sweep.runner import SweepError, plan, run_sweep
 
     try:  # bad flags: a one-line error, exit status 2
         configs = plan(args.methods, args.ratios, args.presets, args.configs, baseline=not args.no_baseline)
@@ -131,9 +132,12 @@ def run_eval(args) -> int:
             examples=args.examples,
             warmup=not args.no_warmup,
         )
-    except ConfigError as error:
+    except SweepError as error:  # a task or configuration the run cannot have: found before evaluating
         print(f"vtprune eval: {error}", file=sys.stderr)
         return 2
+    except EvalAbort as error:  # the model could not be set up, or a sample failed: the message says which
+        print(error, file=sys.stderr)
+        return 1
     if paths:
         print(Path(paths["markdown"]).read_text())
         print(f"wrote {', '.join(str(p) for k, p in paths.items() if k != 'kept_patches')}")

@@ -27,6 +27,7 @@ edit of lmms-eval is needed. How it works:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import gc
 import inspect
 import io
@@ -235,15 +236,33 @@ class VTPruneLMM(lmms):
             raise _abort(f"vtprune: cannot set up base={base!r}: {error}", error) from error
 
     def _setup(self, base: str, kwargs: dict) -> None:
-        from lmms_eval.models import get_model
+        from lmms_eval.models import get_model, list_available_models
 
+        known = list_available_models(include_aliases=True)
+        if base not in known:  # lmms-eval's own error lists every model it has (~150 lines)
+            close = difflib.get_close_matches(base, [name for name in known if name != MODEL_ID], n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise EvalAbort(
+                f"vtprune: unknown base={base!r} (the lmms-eval model to wrap); {hint}"
+                "`python -m lmms_eval models` lists them all"
+            )
         base_cls = get_model(base, force_simple=type(self).is_simple)
         try:
             self.args = parse_model_args(kwargs, base, init_params(base_cls))
         except ValueError as error:  # a flag error: the message says it all, no traceback
             raise EvalAbort(f"vtprune: bad --model_args: {error}") from error
         base_kwargs = _with_device_map(base_cls, self.args.base_kwargs)
-        self._base = base_cls(**base_kwargs)
+        try:
+            self._base = base_cls(**base_kwargs)
+        except OSError as error:  # transformers' "not a folder, not a Hub id": one line, no traceback
+            pretrained = base_kwargs.get("pretrained")
+            if pretrained is None or Path(str(pretrained)).expanduser().exists():
+                raise
+            offline = " (HF_HUB_OFFLINE is set: only cached Hub models load)" if _hub_offline() else ""
+            raise EvalAbort(
+                f"vtprune: pretrained={pretrained!r} is neither a folder nor a model id on the Hub{offline}: "
+                "give the folder a model was saved to (save_pretrained) or a Hub id such as llava-hf/llava-1.5-7b-hf"
+            ) from error
         self.is_simple = getattr(self._base, "is_simple", True)  # the requests the base understands
         self.task_dict = self._base.task_dict  # lmms-eval fills ours; the base reads its own
         self._rank, self._world_size = self._base.rank, self._base.world_size
@@ -523,6 +542,12 @@ def _describe(request) -> str:
 
 def _name(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _abort(message: str, error: BaseException) -> EvalAbort:

@@ -34,6 +34,8 @@ import torch
 import vtprune
 from vtprune.config import build_methods, parse_spec
 from vtprune.evals.reference import shapes_vqa
+from vtprune.evals.sweep.plots import plot_vs_tokens
+from vtprune.evals.sweep.report import Column, Table
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "checkpoint"
 TEST_SLICE = 140  # records 0..139 of the test split (20 of each kind): the fast check of the tests
@@ -266,9 +268,9 @@ def sweep(
     method that ``vtprune.patch`` refuses on this model gives one ``not_applicable`` row (with the
     reason); an error while evaluating gives an ``error`` row. Rows carry ``label`` (the method and
     its spec options) and ``keep_ratio``. Each row is passed to ``log`` as it comes, formatted by
-    ``formatter`` (default :func:`format_row`, a Markdown row).
+    ``formatter`` (default: a Markdown row of :data:`REFERENCE_TABLE`).
     """
-    formatter = formatter or format_row
+    formatter = formatter or REFERENCE_TABLE.markdown_row
     rows = [{**evaluate(model, processor, records, batch_size=batch_size), "label": "full", "keep_ratio": 1.0}]
     log(formatter(rows[-1]))
     for spec in methods or list(vtprune.methods()):
@@ -301,84 +303,62 @@ def sweep(
     return rows
 
 
-HEADER = (
-    "| method | budget | keep ratio | accuracy (%) | location questions (%) | visual tokens kept "
-    "| visual tokens per LLM layer | LLM prefill (ms/sample) |\n|---|---|---|---|---|---|---|---|"
+def cell_label(row: dict) -> str:
+    return row.get("label", row["method"])
+
+
+def cell_percent(key: str):
+    """A fraction as a percentage with one decimal, empty where the row has none."""
+    return lambda row: "" if row.get(key) is None else f"{100 * row[key]:.1f}"
+
+
+def cell_tokens(key: str):
+    return lambda row: f"{row.get(key, row['visual_tokens_kept']):.1f}"
+
+
+def cell_prefill(row: dict) -> str:
+    return f"{row['prefill_ms']:.2f}"
+
+
+def _cell_ratio(row: dict) -> str:
+    return "" if "not_applicable" in row else str(row.get("keep_ratio", row["options"].get("keep_ratio", 1.0)))
+
+
+# method, budget options, keep ratio, accuracy (%), location-question accuracy (%), visual tokens kept
+# (after the last stage), visual tokens per LLM layer (mean), LLM prefill ms/sample
+REFERENCE_TABLE = Table(
+    (
+        Column("method", cell_label),
+        Column("budget", lambda row: ", ".join(f"{k}={v}" for k, v in row.get("budget", {}).items())),
+        Column("keep ratio", _cell_ratio),
+        Column("accuracy (%)", cell_percent("accuracy")),
+        Column("location questions (%)", cell_percent("location_accuracy")),
+        Column("visual tokens kept", cell_tokens("visual_tokens_kept")),
+        Column("visual tokens per LLM layer", cell_tokens("visual_tokens_per_layer")),
+        Column("LLM prefill (ms/sample)", cell_prefill),
+    ),
+    message_at=3,
 )
 
 
-def format_row(row: dict) -> str:
-    """One Markdown row: label, budget options, keep ratio, accuracy, location accuracy, tokens, prefill."""
-    label = row.get("label", row["method"])
-    if "not_applicable" in row:
-        return f"| {label} | | | not applicable: {row['not_applicable']} | | | | |"
-    ratio = row.get("keep_ratio", row["options"].get("keep_ratio", 1.0))
-    budget = ", ".join(f"{k}={v}" for k, v in row.get("budget", {}).items())
-    if "error" in row:
-        return f"| {label} | {budget} | {ratio} | error: {row['error']} | | | | |"
-    location = row.get("location_accuracy")
-    location = "" if location is None else f"{100 * location:.1f}"
-    per_layer = row.get("visual_tokens_per_layer", row["visual_tokens_kept"])
-    return (
-        f"| {label} | {budget} | {ratio} | {100 * row['accuracy']:.1f} | {location} "
-        f"| {row['visual_tokens_kept']:.1f} | {per_layer:.1f} | {row['prefill_ms']:.2f} |"
-    )
-
-
-def format_table(rows: list[dict]) -> str:
-    """A Markdown table: method, budget, keep ratio, accuracy (%), location-question accuracy (%),
-    visual tokens kept (after the last stage), visual tokens per LLM layer (mean), LLM prefill ms/sample."""
-    return "\n".join([HEADER, *(format_row(r) for r in rows)])
-
-
 def plot(rows: list[dict], path: str | Path) -> None:
-    """Accuracy vs visual tokens per LLM layer (mean), one line per method, the unpruned model as a star.
+    """Accuracy vs visual tokens per LLM layer (mean), one line per method and spec, the unpruned model as a star.
 
     For methods that prune before the LLM this is the visual tokens kept; for in-LLM methods
     (dashed) it counts their first layers, which still see every token.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    by_label = defaultdict(list)
-    for row in rows:
-        if "accuracy" in row:
-            tokens = row.get("visual_tokens_per_layer", row["visual_tokens_kept"])
-            by_label[(row.get("label", row["method"]), row["method"])].append((tokens, 100 * row["accuracy"]))
-    in_llm = {name for name, info in vtprune.methods().items() if info["stage"] == "in_llm"}
-    methods = sorted({method for _, method in by_label if method != "full"})
-    colours = {method: plt.get_cmap("tab10")(i % 10) for i, method in enumerate(methods)}
-    ticks = set()
-    for (label, method), points in sorted(by_label.items()):
-        points.sort()
-        if method not in in_llm:  # the in-LLM methods' means fall between these
-            ticks.update(round(x) for x, _ in points)
-        if method == "full":
-            ax.plot(*zip(*points), "k*", markersize=12, label=f"full ({points[0][0]:.0f} tokens)")
-            continue
-        original = "positions=original" in label
-        ax.plot(
-            *zip(*points),
-            marker="s" if method in in_llm else "o",
-            linestyle=":" if original else ("--" if method in in_llm else "-"),
-            fillstyle="none" if original else "full",
-            color=colours[method],
-            label=label + (" (in LLM)" if method in in_llm else ""),
-        )
-    ax.set_xscale("log")
-    ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
-    ax.minorticks_off()
-    ax.set_xlabel("visual tokens per LLM layer (mean; pre-LLM methods: the tokens kept)")
-    ax.set_ylabel("ShapesVQA test accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_vs_tokens(
+        rows,
+        path,
+        y="accuracy",
+        scale=100,
+        ylabel="ShapesVQA test accuracy (%)",
+        x="visual_tokens_per_layer",
+        xlabel="visual tokens per LLM layer (mean; pre-LLM methods: the tokens kept)",
+        line="label",
+        baseline="full",
+        log_x=True,
+    )
 
 
 def main(argv=None) -> None:
@@ -406,7 +386,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     model, processor = load_reference_model(args.model)
     records = shapes_vqa.make_split(args.split, args.num)
-    print(HEADER)
+    print(REFERENCE_TABLE.markdown_header())
     rows = sweep(
         model,
         processor,
@@ -422,7 +402,7 @@ def main(argv=None) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(format_table(rows) + "\n")
+        Path(args.markdown).write_text(REFERENCE_TABLE.markdown(rows) + "\n")
     if args.plot:
         plot(rows, args.plot)
 

@@ -18,6 +18,7 @@ rank 0, which alone writes files (the output folder must be shared by all ranks)
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -34,7 +35,11 @@ from vtprune.presets import get_preset, is_preset
 from vtprune.registry import get_method
 
 
-class ConfigError(ValueError):
+class SweepError(ValueError):
+    """A sweep that cannot run as asked (found before anything is evaluated); the message names the fix."""
+
+
+class ConfigError(SweepError):
     """A configuration that cannot be applied to the loaded model (found before evaluating any)."""
 
 
@@ -52,10 +57,17 @@ def plan(
     methods=(), ratios=(), presets=(), specs=(), baseline: bool = True, ratio_option: str = "keep_ratio"
 ) -> list[SweepConfig]:
     """The configurations of a sweep, validated now (an unknown method or option fails here)."""
+    if ratios and not methods:
+        raise ValueError("--ratios needs --methods to apply them to, e.g. --methods fastervlm --ratios 0.5 0.25")
     configs = [SweepConfig("none", "none", None)] if baseline else []
     for method in methods:
         options = get_method(method).options()
-        if ratios and ratio_option not in options:
+        if not ratios:
+            raise ValueError(
+                f"--methods {' '.join(methods)} needs --ratios to sweep (keep ratios, e.g. --ratios 0.5 0.25); "
+                "for other settings give --configs (e.g. 'fastv:k=2,ratio=0.5') or --presets"
+            )
+        if ratio_option not in options:
             raise ValueError(
                 f"method {method!r} has no {ratio_option} option (options: {', '.join(options)}); "
                 f"sweep it with --configs, e.g. --configs '{method}:{next(iter(options))}=...'"
@@ -119,7 +131,14 @@ def _task_manager(tasks: list[str], include_path):
     manager = TaskManager("WARNING", include_path=include_path)
     missing = [task for task in tasks if task not in manager.all_tasks]
     if missing:
-        raise ValueError(f"lmms-eval does not know task(s) {missing}; check --tasks and --include-path")
+        hints = []
+        for task in missing:
+            close = difflib.get_close_matches(task, manager.all_tasks, n=3)
+            hints.append(f"{task!r} (did you mean {', '.join(close)}?)" if close else repr(task))
+        raise SweepError(
+            f"lmms-eval does not know task(s) {', '.join(hints)}; check --tasks and --include-path "
+            "(`python -m lmms_eval tasks list` lists the installed tasks)"
+        )
     return manager
 
 
