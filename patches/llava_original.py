@@ -2,7 +2,8 @@
 
 Research code built on ``llava.model.builder.load_pretrained_model`` gets the same one call as
 the transformers classes: ``vtprune.patch(model, "fastervlm", keep_ratio=0.1)``. What differs
-from :class:`~vtprune.patches.llava.LlavaAdapter` (whose hooks this reuses):
+from the transformers LLaVA families (the install template, probes and stages are the shared
+ones of :mod:`vtprune.patches._base`):
 
 - The model (``config.model_type == "llava_llama"``) is a ``LlamaForCausalLM`` whose inner
   ``LlavaLlamaModel`` (``model.model``) is both the decoder stack and the owner of the CLIP
@@ -48,9 +49,9 @@ image's N tokens, then the crop canvas row by row, unpadded, each row closed by
 :meth:`LlavaOriginalAdapter.packing_map` gives, per image, which sub-image token (or newline)
 each packed column is, by running the package's own steps (its ``get_anyres_image_grid_shape``
 and ``unpad_image``) on index features; the selection is then that of
-:class:`~vtprune.patches.llava_next.LlavaNextAdapter`: ``method.select_crops`` per image (per
+LLaVA-NeXT (:func:`~vtprune.patches._anyres.select_packed`): ``method.select_crops`` per image (per
 sub-image or global budgets, HiRED's and GlobalCom²'s allocations) and its newline rule
-(:func:`~vtprune.patches.llava_next.keep_packed`). Visual tokens are the image columns, newlines
+(:func:`~vtprune.patches._anyres.keep_packed`). Visual tokens are the image columns, newlines
 included.
 
 Not supported: ``mm_patch_merge_type="flat"`` with several crops per image (the package then
@@ -64,15 +65,13 @@ import inspect
 
 import torch
 
-from vtprune.engine.in_llm import InLLMPruner
-from vtprune.engine.pre_llm import visual_index
+from vtprune.engine.pre_llm import fixed_layout_selector
 from vtprune.engine.probe import AttentionParts
-from vtprune.methods.base import BudgetConfig
-from vtprune.methods.highres import CropLayout
 from vtprune.patches import InstanceMethodPatch, register_adapter
-from vtprune.patches.llava import LlavaAdapter
-from vtprune.patches.llava_next import AnyResImage, keep_packed
+from vtprune.patches._anyres import anyres_image, select_packed
+from vtprune.patches._base import Adapter
 from vtprune.patches.llm_backbones import LlamaStyleBackbone
+from vtprune.types import AnyResImage, PrefillInputs, VisualInputs
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
 IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX: the label of image and padding columns
@@ -146,17 +145,8 @@ def transformers5_compat(model) -> list[InstanceMethodPatch]:
                 )
             )
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
-        return llama.forward(
-            model,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        merged = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        return llama.forward(model, **merged, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, **kwargs)
 
     def prepare_inputs_for_generation(
         input_ids, cache=None, inputs_embeds=None, images=None, image_sizes=None, past_key_values=None, **kwargs
@@ -251,7 +241,7 @@ class LegacyLlamaBackbone(LlavaLlamaBackbone):
 
 # -- the adapter ------------------------------------------------------------------------------
 @register_adapter
-class LlavaOriginalAdapter(LlavaAdapter):
+class LlavaOriginalAdapter(Adapter):
     family = "llava_original"
     model_types = ("llava_llama",)
     model_classes = ("LlavaLlamaForCausalLM",)
@@ -268,23 +258,29 @@ class LlavaOriginalAdapter(LlavaAdapter):
         """
         return transformers5_compat(model)
 
+    visual_kinds = {}  # images arrive through prepare_inputs_labels_for_multimodal (the prefill trigger)
+
     def __init__(self, model):
-        self.model = model
-        self.base = model.get_model()  # LlavaLlamaModel: the Llama stack, owner of the tower and projector
-        self.config = model.config
-        self.language_model = self.base
+        super().__init__(model)
         self.legacy = legacy_transformers()
-        tower = model.get_vision_tower()
+
+    def find_base(self) -> torch.nn.Module:
+        return self.model.get_model()  # LlavaLlamaModel: the Llama stack, owner of the tower and projector
+
+    def find_language_model(self) -> torch.nn.Module:
+        return self.base
+
+    def find_vision_tower(self) -> torch.nn.Module:
+        tower = self.model.get_vision_tower()
         if tower is None:
-            raise TypeError(f"{type(model).__name__} has no vision tower (config.mm_vision_tower is not set)")
+            raise TypeError(f"{type(self.model).__name__} has no vision tower (config.mm_vision_tower is not set)")
         if not getattr(tower, "is_loaded", False):
             raise ValueError(
                 "the CLIP vision tower is not loaded yet (the model was built with delay_load); call "
                 "model.get_vision_tower().load_model() first, as llava.model.builder.load_pretrained_model does"
             )
         self.tower_wrapper = tower  # llava's CLIPVisionTower
-        self.vision_tower = tower.vision_tower  # the transformers CLIPVisionModel inside it
-        self._state: dict = {}
+        return tower.vision_tower  # the transformers CLIPVisionModel inside it
 
     # -- what the model looks like ------------------------------------------------------------
     @property
@@ -318,7 +314,11 @@ class LlavaOriginalAdapter(LlavaAdapter):
         """Whether lists / 5-D stacks of crops are packed spatially (AnyRes), not flattened."""
         return self.merge_type.startswith("spatial")
 
-    def install(self, handle, methods) -> None:
+    @property
+    def has_crops(self) -> bool:
+        return self.packs_crops
+
+    def check_model(self) -> None:
         merge = self.merge_type
         if merge not in ("flat", "spatial", "spatial_unpad"):
             raise NotImplementedError(
@@ -326,66 +326,43 @@ class LlavaOriginalAdapter(LlavaAdapter):
             )
         if self.packs_crops and self.select_strategy != "default":
             raise ValueError("AnyRes packing (mm_patch_merge_type='spatial*') needs mm_vision_select_feature='patch'")
+
+    def install(self, handle, methods) -> None:
+        self.check_model()
         handle.hooks.extend(transformers5_compat(self.model))
-        self._pre = self._in = None
         super().install(handle, methods)
         if self.legacy:
             handle.hooks.extend(self._legacy_stack_hooks(methods))
         # decode steps reach the stack with input_ids; the engines read inputs_embeds (the stack's own lookup)
         handle.hooks.append(self.base.register_forward_pre_hook(_embed_tokens, with_kwargs=True, prepend=True))
-        handle._on_remove.append(self._state.clear)
 
-    def _pre_llm_pruner(self, method, layout):
-        self._pre = super()._pre_llm_pruner(method, layout)
-        return self._pre
+    def backbone(self):
+        return LegacyLlamaBackbone(self.base) if self.legacy else LlavaLlamaBackbone(self.base)
 
-    def _in_llm_pruner(self, method, pre_pruner) -> InLLMPruner:
-        backbone = LegacyLlamaBackbone(self.base) if self.legacy else LlavaLlamaBackbone(self.base)
-        input_map = pre_pruner.map_prefill_columns if pre_pruner is not None else None
-        self._in = InLLMPruner(method, backbone, on_prefill=None, input_map=input_map)
-        return self._in
-
-    def token_selector(self, method, layout):
+    def selector(self, method, layout):
         """One fixed layout per image, as for LLaVA-1.5, or per-image AnyRes selection when the
         prefill packs crops; images the package encodes but does not splice (the one it consumes
         for each text-only sample of a batch) are left out."""
-        if self.packs_crops and isinstance(method.config, BudgetConfig):
-            method.config.num_keep(layout.num_tokens)  # a budget larger than a sub-image fails now
         # a crop-only method (hired, globalcom2) has no single-resolution selection
-        flat = None if self.packs_crops and method.multi_crop_only else super().token_selector(method, layout)
+        flat = None if method.multi_crop_only else fixed_layout_selector(method, layout)
 
-        def selector(pending, device):
-            rows = pending.context.get("spliced")
-            images = pending.context.get("anyres")
-            if images is not None:
-                return self._select_anyres(method, layout, pending, images, rows, device)
+        def select(inputs, device):
+            images = inputs.visual["image"]
+            if images.packing is not None:
+                if method.keeps_everything(layout):
+                    return None
+                return select_packed(method, layout.grid, images.packing, images.scores, device, images.spliced)
             if flat is None:
                 raise ValueError(
                     f"method {method.name!r} splits its budget across AnyRes crops; this forward's images are "
                     "single-resolution (a 4-D tensor): pass a list of crop stacks with image_sizes"
                 )
-            keep = flat(pending, device)
-            if keep is None or rows is None:
+            keep = flat(inputs, device)
+            if keep is None or images.spliced is None:
                 return keep
-            return keep.view(pending.num_images, -1)[rows.to(device)].flatten()
+            return keep.view(images.count, -1)[images.spliced.to(device)].flatten()
 
-        return selector
-
-    @staticmethod
-    def _select_anyres(method, layout, pending, images, spliced, device):
-        """``select_crops`` per image, then the newline rule (as the transformers LLaVA-NeXT adapter)."""
-        if method.keeps_everything(layout):
-            return None
-        scores = pending.scores or {}
-        keeps, first = [], 0
-        for index, image in enumerate(images):  # a few images per batch, not a loop over tokens
-            count = image.valid.shape[0]
-            if spliced is None or bool(spliced[index]):
-                crops = CropLayout(layout.grid, image.crop_grid, image.valid.to(device), image.valid)
-                keep = method.select_crops({k: v[first : first + count] for k, v in scores.items()}, crops)
-                keeps.append(keep_packed(image.token_map.to(device), keep))
-            first += count
-        return torch.cat(keeps) if keeps else torch.zeros(0, dtype=torch.bool, device=device)
+        return select
 
     def packing_map(self, image_sizes, counts: list[int]) -> list[AnyResImage]:
         """How ``prepare_inputs_labels_for_multimodal`` packs each image of ``counts`` sub-images.
@@ -424,30 +401,27 @@ class LlavaOriginalAdapter(LlavaAdapter):
             else:
                 packed = torch.cat((base, base.new_zeros(1, 1)), dim=0) if unpad else base
                 crop_grid = (0, 0)
-            token_map = packed.flatten().long() - 1
-            valid = torch.zeros(count * num_tokens, dtype=torch.bool)
-            valid[token_map[token_map >= 0]] = True
-            images.append(AnyResImage(token_map, valid.view(count, num_tokens), crop_grid))
+            images.append(anyres_image(packed.flatten().long() - 1, count, num_tokens, crop_grid))
         return images
 
-    def prefill_triggers(self, pre_pruner, in_pruner, new_record) -> list:
-        wrapper = self._merge_wrapper(pre_pruner, in_pruner, new_record)
-        return [InstanceMethodPatch(self.model, "prepare_inputs_labels_for_multimodal", wrapper)]
-
-    def _merge_wrapper(self, pre_pruner, in_pruner, new_record):
-        state = self._state
+    def prefill_triggers(self) -> list:
+        """``prepare_inputs_labels_for_multimodal`` wrapped: it splices the images in, so it is where a
+        prefill starts and where the merged sequence shows which columns are image tokens."""
+        stack = self.stack
 
         def make_wrapper(prepare):
             def wrapper(input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None):
+                if not stack.attached():  # a call inside handle.suspended()
+                    return prepare(
+                        input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+                    )
+                state = stack.state.family
                 if labels is None:
                     labels = state.pop("labels", None)  # taken from the forward's kwargs by the label hook
                 # the package's own test for "images are spliced in now" (else it returns the inputs as they are)
                 prefill = images is not None and input_ids is not None and input_ids.shape[1] != 1
                 if not prefill:
-                    if pre_pruner is not None:
-                        pre_pruner.pending = None
-                    if in_pruner is not None:
-                        in_pruner.pending = None
+                    stack.text_forward()
                     result = prepare(
                         input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
                     )
@@ -456,43 +430,21 @@ class LlavaOriginalAdapter(LlavaAdapter):
                         return (*result[:5], None)
                     return result
                 return self._merge(
-                    prepare,
-                    pre_pruner,
-                    in_pruner,
-                    new_record,
-                    labels,
-                    input_ids,
-                    position_ids,
-                    attention_mask,
-                    past_key_values,
-                    images,
-                    image_sizes,
+                    prepare, labels, input_ids, position_ids, attention_mask, past_key_values, images, image_sizes
                 )
 
             return wrapper
 
-        return make_wrapper
+        return [InstanceMethodPatch(self.model, "prepare_inputs_labels_for_multimodal", make_wrapper)]
 
-    def _merge(
-        self,
-        prepare,
-        pre_pruner,
-        in_pruner,
-        new_record,
-        labels,
-        input_ids,
-        position_ids,
-        attention_mask,
-        past_key_values,
-        images,
-        image_sizes,
-    ):
-        state = self._state
-        context = {}
+    def _merge(self, prepare, labels, input_ids, position_ids, attention_mask, past_key_values, images, image_sizes):
+        stack = self.stack
+        state = stack.state.family
+        packing = None
         if isinstance(images, list) or images.dim() == 5:
             crops = [image.shape[0] if image.dim() == 4 else 1 for image in images]
             if self.packs_crops:
-                context["anyres"] = self.packing_map(image_sizes, crops)
+                packing = self.packing_map(image_sizes, crops)
             elif any(count != 1 for count in crops):
                 raise NotImplementedError(
                     "vtprune: with mm_patch_merge_type='flat' the package flattens an image's crops into one "
@@ -501,12 +453,10 @@ class LlavaOriginalAdapter(LlavaAdapter):
             num_images = len(crops)
         else:
             num_images = images.shape[0]
-        new_record()
-        if pre_pruner is not None:
-            pre_pruner.begin_prefill(None, num_images, **context)  # the tower's probe hooks fill in the scores
         batch, length = input_ids.shape
         mask_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         marker = torch.arange(length, device=input_ids.device).expand(batch, length)
+        stack.take_scores()  # the tower runs inside: its probes' scores only
         _, position_ids, merged_mask, past_key_values, embeds, merged = prepare(
             input_ids, position_ids, mask_in, past_key_values, marker, images, image_sizes
         )
@@ -515,9 +465,9 @@ class LlavaOriginalAdapter(LlavaAdapter):
         out_labels = None
         if labels is not None:
             out_labels = torch.where(merged >= 0, labels.gather(1, merged.clamp(min=0)), IGNORE_INDEX)
-        if pre_pruner is not None:
-            pending = pre_pruner.pending
-            pending.image_token_mask = image_mask
+        stack.start_prefill(PrefillInputs(image_mask, {"image": image_mask}))
+        if stack.pre is not None:
+            spliced = None
             counts = ((input_ids == IMAGE_TOKEN_INDEX) & mask_in.bool()).sum(dim=1).tolist()
             if 0 in counts:  # the package consumes one image for every text-only sample and splices nothing
                 spliced = torch.zeros(num_images, dtype=torch.bool)
@@ -525,9 +475,8 @@ class LlavaOriginalAdapter(LlavaAdapter):
                 for count in counts:
                     spliced[first : first + count] = True
                     first += max(count, 1)
-                pending.context["spliced"] = spliced
-        if in_pruner is not None:
-            in_pruner.begin_prefill(visual_index(image_mask))
+            visual = VisualInputs(count=num_images, scores=stack.take_scores(), packing=packing, spliced=spliced)
+            stack.add_visual("image", visual)
         if "labels_taken" in state:
             state["merged_labels"] = out_labels
             out_labels = None
@@ -541,10 +490,13 @@ class LlavaOriginalAdapter(LlavaAdapter):
         )
 
     # -- labels ---------------------------------------------------------------------------
-    def _install_label_cut(self, pre_pruner, in_pruner):
-        state = self._state
+    def label_cut(self) -> list:
+        """A pre-hook on the model takes ``labels``; the merge wrapper merges them like the package does
+        (``-100`` on image columns); the loss is computed on the pruned logits."""
+        stack = self.stack
 
         def take_labels(module, args, kwargs):
+            state = stack.state.family
             labels = kwargs.pop("labels", None)
             state.pop("merged_labels", None)
             if labels is None:
@@ -558,6 +510,7 @@ class LlavaOriginalAdapter(LlavaAdapter):
             return args, kwargs
 
         def loss_on_pruned(module, args, kwargs, output):
+            state = stack.state.family
             if not state.pop("labels_taken", False):
                 return None
             state.pop("labels", None)
@@ -565,12 +518,7 @@ class LlavaOriginalAdapter(LlavaAdapter):
             if labels is None:
                 return None
             logits = output["logits"] if isinstance(output, dict) else output[0]
-            labels = labels.to(logits.device)
-            cut = pre_pruner.prune_labels(labels) if pre_pruner is not None else labels
-            cut = in_pruner.cut_labels(cut) if in_pruner is not None else cut
-            if cut.shape[1] == logits.shape[1]:  # else this forward was not pruned
-                labels = cut
-            loss = causal_lm_loss(module, logits, labels)
+            loss = causal_lm_loss(module, logits, self.pruned_labels(labels, logits))
             if isinstance(output, dict):
                 output["loss"] = loss
                 return output
@@ -586,7 +534,7 @@ class LlavaOriginalAdapter(LlavaAdapter):
         """Hooks that give the engines transformers 5's view of a transformers 4.3x Llama stack."""
         from transformers.cache_utils import Cache, DynamicCache
 
-        lm, state, hooks = self.base, {}, []
+        lm, stack, hooks = self.base, self.stack, []
 
         def cache_in(module, args, kwargs):  # first pre-hook: a Cache object the engines can follow
             cache = kwargs.get("past_key_values")
@@ -598,8 +546,8 @@ class LlavaOriginalAdapter(LlavaAdapter):
                 cache = DynamicCache.from_legacy_cache(cache)
             embeds = kwargs.get("inputs_embeds")
             query = (embeds if embeds is not None else kwargs["input_ids"]).shape[1]
-            state["cache"] = cache
-            state["seen"] = (cache.seen_tokens if cache is not None else 0) + query
+            stack.state.family["cache"] = cache
+            stack.state.family["seen"] = (cache.seen_tokens if cache is not None else 0) + query
             return args, dict(kwargs, past_key_values=cache, cache=cache)
 
         def cache_hide(module, args, kwargs):  # last pre-hook: the 4.3x forward takes no `cache`
@@ -608,13 +556,13 @@ class LlavaOriginalAdapter(LlavaAdapter):
             return args, kwargs
 
         def cache_show(module, args, kwargs, output):  # first forward hook: the engines read kwargs["cache"]
-            kwargs["cache"] = state.get("cache")
+            kwargs["cache"] = stack.state.family.get("cache")
 
         def count_unpruned(module, args, kwargs, output):
             # generate() slices input_ids by seen_tokens against the caller's (unpruned) mask
-            cache = state.pop("cache", None)
+            cache = stack.state.family.pop("cache", None)
             if cache is not None:
-                cache.seen_tokens = state.pop("seen")
+                cache.seen_tokens = stack.state.family.pop("seen")
 
         hooks += [
             lm.register_forward_pre_hook(cache_in, with_kwargs=True, prepend=True),
@@ -622,10 +570,10 @@ class LlavaOriginalAdapter(LlavaAdapter):
             lm.register_forward_hook(cache_show, with_kwargs=True, prepend=True),
             lm.register_forward_hook(count_unpruned, with_kwargs=True),
         ]
-        in_pruner = self._in
-        if in_pruner is not None:
-            backbone = in_pruner.backbone
-            probes = set(in_pruner.probe_at)
+        in_llm = stack.llm
+        if in_llm is not None:
+            backbone = in_llm.backbone
+            probes = set(in_llm.probe_at)
 
             def add_rotary(index):
                 def hook(module, args, kwargs):  # the probe rotates q/k with (cos, sin) as a 5.x layer gets them
@@ -643,7 +591,7 @@ class LlavaOriginalAdapter(LlavaAdapter):
                 kwargs.pop("position_embeddings")
                 return args, kwargs
 
-            for index in range(in_pruner.first_hooked_layer, len(backbone.layers)):
+            for index in range(in_llm.first_hooked_layer, len(backbone.layers)):
                 layer = backbone.layers[index]
                 hooks.append(layer.register_forward_pre_hook(add_rotary(index), with_kwargs=True, prepend=True))
                 hooks.append(layer.register_forward_pre_hook(drop_rotary, with_kwargs=True))

@@ -14,7 +14,7 @@ What this adapter does (hooks and instance-method wrappers on this model only, a
 ``remove()``):
 - ``get_image_features`` / ``get_video_features`` are wrapped (``generate`` calls them before
   the prefill and pops ``*_grid_thw`` afterwards, so no module hook would see the grids): the
-  wrapper attaches the grids and the vision probes' scores to the encoder output;
+  wrapper hands the stack the grids, the pixels and the vision probes' scores;
 - vision probes (``fopru``; ``fastervlm`` with ``score="received"``): the attention each patch
   receives at the chosen ViT block, from the block's own fused ``qkv`` projection and rotary
   embedding, per temporal slice, in query chunks (no eager switch, no n x n map); a merged token
@@ -34,7 +34,8 @@ What this adapter does (hooks and instance-method wrappers on this model only, a
   those positions; nothing downstream sees it, so it stays as the user passed it.
 - in-LLM methods (fastv, pdrop): :class:`Qwen2VLBackbone` gives the engine the M-RoPE rotary
   embedding and hands the decoder layers the text row, as ``Qwen2VLTextModel`` does.
-- quota (QuoTA, :meth:`Qwen2VLAdapter._quota_selector`): every video and every image is a frame
+- quota (QuoTA, :meth:`Qwen2VLAdapter._quota_selector` and
+  :func:`vtprune.patches._frames.plan_frame_sets`): every video and every image is a frame
   set with its own budget (an image: one frame); a frame is one temporal slice, (h/2, w/2) tokens,
   and the scorer sees its pixels (the first frame of each temporal pair, :func:`frames_from_patches`).
   The kept frames' resized grids fill the item's first placeholders, the rest are dropped, and
@@ -48,21 +49,16 @@ What this adapter does (hooks and instance-method wrappers on this model only, a
 
 from __future__ import annotations
 
-import functools
+import threading
 
 import torch
 
-from vtprune.engine.in_llm import InLLMPruner
-from vtprune.engine.pre_llm import TokenSelection
 from vtprune.engine.probe import received_attention
-from vtprune.methods.base import BudgetConfig, VisualLayout
-from vtprune.methods.quota import plan_stats
-from vtprune.patches import InstanceMethodPatch, register_adapter
-from vtprune.patches.llava import LlavaAdapter, _kwarg
+from vtprune.patches import register_adapter
+from vtprune.patches._base import IMAGES_AND_VIDEOS, Adapter, scatter_kinds
+from vtprune.patches._frames import FrameSet, plan_frame_sets, select_frames
 from vtprune.patches.llm_backbones import LlamaStyleBackbone
-
-VISUAL_ATTRIBUTE = "_vtprune_visual"  # set on get_*_features' output while patched
-KINDS = ("image", "video")
+from vtprune.types import VisualInputs, VisualLayout
 
 
 class Qwen2VLBackbone(LlamaStyleBackbone):
@@ -112,22 +108,22 @@ def received_per_slice(qkv: torch.Tensor, cos_sin, cu_seqlens, num_heads: int, s
 
 
 @register_adapter
-class Qwen2VLAdapter(LlavaAdapter):
+class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
+    visual_kinds = IMAGES_AND_VIDEOS
     supports_feature_replacement = True  # quota: frames replaced by their resized grids
+    no_crops = "has no crops (native resolution): use fastervlm (score='received'), fopru, random or uniform"
 
     def __init__(self, model):
-        self.model = model
-        self.base = model.model if type(model).__name__ == self.model_classes[0] else model
-        self.config = self.base.config
-        self.vision_tower = self.base.visual
-        self.language_model = self.base.language_model
+        super().__init__(model)
         self.merge = self.config.vision_config.spatial_merge_size
-        self._collected: dict = {}  # probe name -> merged-token scores of the ViT call in progress
 
     # -- what the model looks like ------------------------------------------------------------
+    def find_vision_tower(self) -> torch.nn.Module:
+        return self.base.visual
+
     @property
     def select_strategy(self) -> str:
         return "full"  # every merged token goes to the LLM
@@ -140,57 +136,47 @@ class Qwen2VLAdapter(LlavaAdapter):
         """Nominal only: grids vary per image; the selector builds each frame's layout."""
         return VisualLayout(num_tokens=1, grid=(1, 1))
 
-    def _vision_layers(self) -> torch.nn.ModuleList:
+    def budget_layout(self) -> None:
+        return None  # a keep_tokens budget larger than a frame keeps the whole frame
+
+    def vision_layers(self) -> torch.nn.ModuleList:
         return self.vision_tower.blocks
+
+    @staticmethod
+    def layer_attention(layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.attn
 
     def has_cls_token(self) -> bool:
         return False
 
-    def feature_attention(self) -> torch.nn.Module:
-        return self.vision_tower.blocks[-1].attn
+    def backbone(self):
+        return Qwen2VLBackbone(self.language_model)
 
-    def vision_attention(self, layer) -> torch.nn.Module:
-        if layer == "feature":
-            return self.feature_attention()
-        blocks = self.vision_tower.blocks
-        if not -len(blocks) <= layer < len(blocks):
-            raise ValueError(f"vision layer {layer} is outside the ViT's {len(blocks)} blocks")
-        return blocks[layer].attn
+    def visual_inputs(self, kind, arguments, scores) -> VisualInputs:
+        grids = arguments[f"{kind}_grid_thw"]
+        pixels = arguments["pixel_values" if kind == "image" else "pixel_values_videos"]
+        return VisualInputs(scores=scores, pixels=pixels, grids=torch.as_tensor(grids).tolist())
 
-    # -- wiring ---------------------------------------------------------------------------
-    def token_selector(self, method, layout):
+    # -- selection ------------------------------------------------------------------------
+    def selector(self, method, layout):
         if getattr(method, "replaces_features", False):
             return self._quota_selector(method)
-        if method.multi_crop_only:
-            raise ValueError(
-                f"method {method.name!r} splits a budget across the crops of AnyRes images; Qwen2-VL has no crops "
-                "(native resolution): use fastervlm (score='received'), fopru, random or uniform"
-            )
         merge = self.merge
 
-        def select(pending, device):
+        def select(inputs, device):
             keeps, everything = {}, True
-            for kind in KINDS:
-                info = pending.context.get(kind)
-                if info is None:
-                    continue
+            for kind, info in inputs.visual.items():
                 parts, first = [], 0
-                for t, h, w in info["grids"]:  # a few images / videos per batch
+                for t, h, w in info.grids:  # a few images / videos per batch
                     frame = VisualLayout(num_tokens=(h // merge) * (w // merge), grid=(h // merge, w // merge))
                     count = t * frame.num_tokens
-                    scores = {name: s[first : first + count].view(t, -1) for name, s in info["scores"].items()}
+                    scores = {name: s[first : first + count].view(t, -1) for name, s in info.scores.items()}
                     keep, kept_all = select_frames(method, scores, t, frame, device)
                     parts.append(keep)
                     everything &= kept_all
                     first += count
                 keeps[kind] = torch.cat(parts)
-            if everything:
-                return None
-            masks = pending.context["masks"]
-            keep = torch.zeros_like(pending.image_token_mask, device=device)
-            for kind, kind_keep in keeps.items():
-                keep = keep.masked_scatter(masks[kind].to(device), kind_keep)
-            return keep[pending.image_token_mask.to(device)]
+            return None if everything else scatter_kinds(inputs, keeps, device)
 
         return select
 
@@ -209,101 +195,48 @@ class Qwen2VLAdapter(LlavaAdapter):
         vision = self.config.vision_config
         patch_shape = (vision.in_channels, vision.patch_size, merge, vision.temporal_patch_size)
 
-        def select(pending, device):
-            context, embeds, positions = pending.context, pending.inputs_embeds, pending.position_ids
+        def select(inputs, device):
+            embeds, positions = inputs.inputs_embeds, inputs.position_ids
             if positions is None or positions.dim() != 3:
                 raise NotImplementedError("quota on Qwen2-VL needs the model's M-RoPE position ids (3 or 4 rows)")
             starts = positions[-3:][0].expand(embeds.shape[:2]).reshape(-1)  # (B * L,) s at an item's first column
             questions = method.queries(embeds.shape[0])
-            rope_deltas = self.base.rope_deltas  # a scorer that runs this model (suspended) resets them
-            items = []  # (first flat column, its flat columns, FramePlan, native frame grid)
-            for kind in KINDS:  # a few images / videos per batch
-                info = context.get(kind)
-                if info is None:
-                    continue
-                mask = context["masks"][kind].to(device)
-                columns = mask.flatten().nonzero().flatten()  # (N,) flat (B * L) index of this kind's columns
-                features = embeds[mask]  # (N, D), items in order
-                counts = [t * (h // merge) * (w // merge) for t, h, w in info["grids"]]
+            visual = inputs.visual_mask.to(device)
+            rank = visual.flatten().long().cumsum(0) - 1  # flat column -> its index among the visual columns
+            sets = []
+            for kind, info in inputs.visual.items():  # a few images / videos per batch
+                columns = inputs.kinds[kind].to(device).flatten().nonzero().flatten()  # flat (B * L) index
+                counts = [t * (h // merge) * (w // merge) for t, h, w in info.grids]
                 firsts = torch.tensor([0, *counts[:-1]]).cumsum(0)
                 first_patch = 0
-                for (t, h, w), count, first, column in zip(
-                    info["grids"], counts, firsts.tolist(), columns[firsts.to(device)].tolist(), strict=True
-                ):
+                for (t, h, w), column in zip(info.grids, columns[firsts.to(device)].tolist(), strict=True):
                     frames = frames_from_patches(
-                        info["pixels"][first_patch : first_patch + t * h * w], (t, h, w), *patch_shape
+                        info.pixels[first_patch : first_patch + t * h * w], (t, h, w), *patch_shape
                     )
                     first_patch += t * h * w
-                    grid = features[first : first + count].view(t, h // merge, w // merge, -1)
-                    plan = method.plan_video(frames, grid, questions[column // embeds.shape[1]])
-                    items.append((column, columns[first : first + count], plan, (h // merge, w // merge)))
+                    grid = (h // merge, w // merge)
+                    first = int(rank[column])
+                    frame_starts = [first + index * grid[0] * grid[1] for index in range(t)]
+                    question = questions[column // embeds.shape[1]]
+                    sets.append(FrameSet(frames, frame_starts, grid, question, origin=column))
+            sets.sort(key=lambda frame_set: frame_set.origin)  # values and positions in column order
+            rope_deltas = self.base.rope_deltas  # a scorer that runs this model (suspended) resets them
+            selection, plans = plan_frame_sets(method, sets, embeds[visual])
             self.base.rope_deltas = rope_deltas
-            items.sort(key=lambda item: item[0])  # values and positions in column order
-            plans = [plan for _, _, plan, _ in items]
-            stats = plan_stats(plans)
-            if all(grid == native for _, _, p, native in items for grid in p.grids):
-                return TokenSelection(None, stats=stats)  # every frame as it is: bit-identical
-            replaced = [columns[: plan.features.shape[0]] for _, columns, plan, _ in items]
-            rows = [frame_positions(plan.grids, starts[column]) for column, _, plan, _ in items]
-            replace = torch.zeros_like(starts, dtype=torch.bool)
-            replace[torch.cat(replaced)] = True
-            replace = replace.view_as(pending.image_token_mask)[pending.image_token_mask.to(device)]
-            values = torch.cat([plan.features for plan in plans])
-            return TokenSelection(replace, replace, values, positions=torch.cat(rows, dim=1), stats=stats)
+            if selection.keep is not None:
+                rows = [frame_positions(plan.grids, starts[frame_set.origin]) for frame_set, plan in zip(sets, plans)]
+                selection.positions = torch.cat(rows, dim=1)
+            return selection
 
         return select
 
-    def _in_llm_pruner(self, method, pre_pruner) -> InLLMPruner:
-        input_map = pre_pruner.map_prefill_columns if pre_pruner is not None else None
-        return InLLMPruner(method, Qwen2VLBackbone(self.language_model), on_prefill=None, input_map=input_map)
-
-    def prefill_triggers(self, pre_pruner, in_pruner, new_record) -> list:
-        config = self.config
-
-        def hook(module, args, kwargs):
-            encoded = kwargs.get("mm_encoder_outputs") or {}
-            given = {
-                "image": _kwarg(args, kwargs, "pixel_values", 6) is not None or encoded.get("image") is not None,
-                "video": kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None,
-            }
-            if not any(given.values()):
-                if pre_pruner is not None:
-                    pre_pruner.pending = None
-                if in_pruner is not None:
-                    in_pruner.pending = None
-                return self._decode_positions(pre_pruner, args, kwargs)
-            input_ids = _kwarg(args, kwargs, "input_ids", 0)
-            if input_ids is None:
-                raise ValueError("vtprune needs input_ids (to find the image and video tokens) when images are given")
-            masks = {"image": input_ids == config.image_token_id, "video": input_ids == config.video_token_id}
-            visual = masks["image"] | masks["video"]
-            new_record()
-            if pre_pruner is not None:
-                context = {"masks": masks}
-                for kind in KINDS:
-                    info = getattr(encoded.get(kind), VISUAL_ATTRIBUTE, None)
-                    if encoded.get(kind) is not None and info is None:
-                        raise RuntimeError(
-                            "the images were encoded before vtprune.patch was applied; encode them again after patching"
-                        )
-                    if info is not None:
-                        context[kind] = info
-                pre_pruner.begin_prefill(visual, int(given["image"]) + int(given["video"]), **context)
-            if in_pruner is not None:
-                in_pruner.begin_prefill(torch.where(visual, visual.long().cumsum(dim=1) - 1, -1))
-            return None
-
-        return [self.base.register_forward_pre_hook(hook, with_kwargs=True)]
-
-    def _decode_positions(self, pre_pruner, args, kwargs):
+    def text_forward_inputs(self, args, kwargs):
         """A decode step on the pruned cache with no positions and no mask: the model would count
         the pruned cache; supply the unpruned model's M-RoPE positions (the engine shifts them)."""
-        prompt = pre_pruner.prompt if pre_pruner is not None else None
         cache = kwargs.get("cache")
+        prompt = self.stack.pruned_prompt(cache)
         if (
             prompt is None
-            or cache is None
-            or cache is not prompt.cache
             or kwargs.get("position_ids") is not None
             or kwargs.get("attention_mask") is not None
             or self.base.rope_deltas is None
@@ -320,69 +253,34 @@ class Qwen2VLAdapter(LlavaAdapter):
         positions = (text + deltas.repeat_interleave(batch // deltas.shape[0], dim=0))[None].expand(3, -1, -1)
         return args, dict(kwargs, position_ids=positions)
 
-    def prefill_patches(self, pruner) -> list:
-        collected = self._collected
-        return [
-            InstanceMethodPatch(self.base, "get_image_features", self._with_visual_info(pruner, "image", collected)),
-            InstanceMethodPatch(self.base, "get_video_features", self._with_visual_info(pruner, "video", collected)),
-        ]
-
-    def _with_visual_info(self, pruner, kind, collected):
-        grid_name = f"{kind}_grid_thw"
-        pixel_name = "pixel_values" if kind == "image" else "pixel_values_videos"
-
-        def make_wrapper(get_features):
-            @functools.wraps(get_features)  # generate() reads its signature
-            def wrapper(*args, **kwargs):
-                collected.clear()
-                output = get_features(*args, **kwargs)
-                grids = kwargs[grid_name] if grid_name in kwargs else args[1]
-                pixels = kwargs[pixel_name] if pixel_name in kwargs else args[0]
-                info = {"grids": torch.as_tensor(grids).tolist(), "scores": dict(collected), "pixels": pixels}
-                collected.clear()
-                setattr(output, VISUAL_ATTRIBUTE, info)
-                if pruner.pending is not None and kind not in pruner.pending.context:
-                    pruner.pending.context[kind] = info
-                return output
-
-            return wrapper
-
-        return make_wrapper
-
-    def _install_vision_probes(self, pruner):
-        """Per probe: capture the block's ``qkv`` output and its rotary / ``cu_seqlens`` inputs, then
-        score every merged token (mean of its merge x merge patches) when the block returns."""
-        hooks = []
+    def probe_hooks(self, name, kind, attention) -> list:
+        """Capture the block's ``qkv`` output and its rotary / ``cu_seqlens`` inputs, then score every
+        merged token (mean of its merge x merge patches) when the block returns ("received" only:
+        the ViT has no [CLS])."""
         merge2 = self.merge**2
-        for name, (_kind, layer) in pruner.method.vision_probes().items():  # "received" only (no [CLS])
-            attention = self.vision_attention(layer)
-            captured = {}
+        captured = threading.local()  # per thread: the block call in progress
+        stack = self.stack
 
-            def capture_inputs(module, args, kwargs, captured=captured):
-                captured["cu_seqlens"] = kwargs["cu_seqlens"]
-                captured["cos_sin"] = kwargs["position_embeddings"]
+        def capture_inputs(module, args, kwargs):
+            captured.cu_seqlens, captured.cos_sin = kwargs["cu_seqlens"], kwargs["position_embeddings"]
 
-            def capture_qkv(module, args, output, captured=captured):
-                captured["qkv"] = output
+        def capture_qkv(module, args, output):
+            captured.qkv = output
 
-            def score(module, args, output, captured=captured, name=name, attention=attention):
-                if "qkv" not in captured:
-                    return
-                patches = received_per_slice(
-                    captured.pop("qkv"),
-                    captured.pop("cos_sin"),
-                    captured.pop("cu_seqlens"),
-                    attention.num_heads,
-                    attention.scaling,
-                )
-                self._collected[name] = patches.view(-1, merge2).mean(dim=1)
+        def score(module, args, output):
+            qkv = vars(captured).pop("qkv", None)
+            if qkv is None:
+                return
+            patches = received_per_slice(
+                qkv, captured.cos_sin, captured.cu_seqlens, attention.num_heads, attention.scaling
+            )
+            stack.add_scores(name, patches.view(-1, merge2).mean(dim=1))
 
-            hooks += [
-                attention.register_forward_pre_hook(capture_inputs, with_kwargs=True),
-                attention.qkv.register_forward_hook(capture_qkv),
-                attention.register_forward_hook(score),
-            ]
-        return hooks
+        return [
+            attention.register_forward_pre_hook(capture_inputs, with_kwargs=True),
+            attention.qkv.register_forward_hook(capture_qkv),
+            attention.register_forward_hook(score),
+        ]
 
 
 def frames_from_patches(
@@ -414,21 +312,3 @@ def frame_positions(grids: list, start: torch.Tensor) -> torch.Tensor:
         r, c = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
         parts.append(torch.stack([torch.full_like(r, index), r, c]).flatten(1))
     return torch.cat(parts, dim=1).to(start.device) + start
-
-
-def select_frames(method, scores: dict, frames: int, layout: VisualLayout, device) -> tuple[torch.Tensor, bool]:
-    """One image / video: the method's per-image selection on each of its ``frames`` grids.
-
-    Returns ((frames * N,) bool keep, whether everything was kept). A ``keep_tokens`` budget larger
-    than a frame keeps the whole frame (the grids of native-resolution models vary).
-    """
-    config = method.config
-    whole = torch.ones(frames * layout.num_tokens, dtype=torch.bool, device=device)
-    if isinstance(config, BudgetConfig) and config.keep_tokens is not None and config.keep_tokens >= layout.num_tokens:
-        return whole, True
-    if method.keeps_everything(layout):
-        return whole, True
-    score = next(iter(scores.values()), None)
-    kept = method.select(score, frames, layout, device)  # (frames, k)
-    keep = torch.zeros(frames, layout.num_tokens, dtype=torch.bool, device=device)
-    return keep.scatter_(1, kept.to(device), True).flatten(), False

@@ -7,7 +7,8 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 import vtprune
 from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, left_pad, tiny_llava_next
-from vtprune.patches.llava_next import LlavaNextAdapter, keep_packed
+from vtprune.patches._anyres import keep_packed
+from vtprune.patches.llava_next import LlavaNextAdapter
 
 SIZES = [[30, 50], [60, 40], [32, 32], [64, 64]]  # base image + 2, 2, 2 and 4 crops
 N = 16

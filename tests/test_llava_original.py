@@ -418,7 +418,7 @@ def kept_per_image(model, record, sizes):
     ],
 )
 def test_anyres_budgets_and_the_newline_rule(anyres_model, spec, per_image_total):
-    from vtprune.patches.llava_next import keep_packed
+    from vtprune.patches._anyres import keep_packed
 
     model = anyres_model
     stacks = crop_stacks(ANYRES_SIZES, seed=5)

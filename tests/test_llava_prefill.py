@@ -6,6 +6,8 @@ from conftest import hook_counts
 from helpers import eager_cls_attention, pruned_reference_logits
 
 import vtprune
+from vtprune.engine.flops import llm_prefill_flops
+from vtprune.engine.stages import StageStack
 from vtprune.evals.models.transformers_vlms import left_pad, prompt_ids, tiny_llava
 from vtprune.methods.base import VisualLayout, top_k_sorted
 from vtprune.methods.baselines import uniform_grid_indices
@@ -62,16 +64,19 @@ def test_pruned_model_leaves_no_hooks_after_remove(model):
 
 @pytest.mark.parametrize("strategy", ["default", "full"])
 @pytest.mark.parametrize("feature_layer", [-2, -1, 1])
-def test_fastervlm_scores_and_kept_indices_match_eager_attention(strategy, feature_layer):
+def test_fastervlm_scores_and_kept_indices_match_eager_attention(strategy, feature_layer, monkeypatch):
     model = tiny_llava(seed=2, select_strategy=strategy, feature_layer=feature_layer)
     num_tokens = N + (strategy == "full")
     px = images(3, seed=5)
     reference = eager_cls_attention(model, px)  # (3, num_tokens)
+    encoded = []  # what each encoding hands the stage stack
+    add_visual = StageStack.add_visual
+    monkeypatch.setattr(StageStack, "add_visual", lambda self, kind, v: (encoded.append(v), add_visual(self, kind, v)))
     with vtprune.patched(model, "fastervlm", keep_tokens=5) as handle, torch.no_grad():
-        encoded = model.model.get_image_features(pixel_values=px)
+        model.model.get_image_features(pixel_values=px)
         ids = torch.cat([prompt_ids([2, 2, 2, 3], num_images=3, tokens_per_image=num_tokens)])[None]
         model(input_ids=ids, pixel_values=px)
-    torch.testing.assert_close(encoded._vtprune_scores["cls"], reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(encoded[0].scores["cls"], reference, rtol=1e-5, atol=1e-6)
     expected = top_k_sorted(reference, 5) + torch.arange(3)[:, None] * num_tokens
     assert torch.equal(handle.last.stages[0].kept[0], expected.flatten())
 
@@ -142,11 +147,22 @@ def test_generation_with_cache_equals_without_cache(model, method, positions):
 
 def test_decode_steps_do_not_overwrite_the_prefill_record(model):
     with vtprune.patched(model, "fastervlm", keep_tokens=4) as handle:
+        greedy(model, input_ids=single(), pixel_values=images(1))  # 6 decode steps after the prefill
+        assert handle.last.visual_tokens_kept == [4]
+
+
+def test_a_text_only_prompt_gets_its_own_record(model):
+    """handle.last describes the last prompt: after a text-only one, no stages and 0 visual tokens."""
+    text = torch.tensor([[5, 6, 7]])
+    with vtprune.patched(model, "fastervlm", keep_tokens=4) as handle:
         greedy(model, input_ids=single(), pixel_values=images(1))
         assert handle.last.visual_tokens_kept == [4]
-        with torch.no_grad():  # a later text-only forward does not replace the record either
-            model(input_ids=torch.tensor([[5, 6, 7]]))
-        assert handle.last.visual_tokens_kept == [4]
+        greedy(model, input_ids=text)
+        record = handle.last
+    assert record.stages == []
+    assert record.visual_tokens_in == record.visual_tokens_kept == [0]
+    assert record.layer_tokens == [[3] * model.config.text_config.num_hidden_layers]
+    assert record.flops_before == record.flops_after == llm_prefill_flops(3, model.config.text_config)
 
 
 def test_manual_decode_with_returned_cache(model):

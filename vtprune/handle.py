@@ -31,6 +31,9 @@ class Stage:
 class PruneRecord:
     """Statistics of the most recent prefill; decode steps do not overwrite it.
 
+    A text-only prompt is a prefill too: its record has no stages and 0 visual tokens, and its
+    FLOPs are those of the text prompt (``text_tokens``: its real tokens per sample).
+
     Built from the raw tensors of the prefill (the pre-LLM cut's :class:`PrefillResult`, the
     in-LLM cuts' :class:`LLMPrefillResult`) and turned into Python numbers on first access,
     so the forward pass itself reads nothing back to the host.
@@ -45,12 +48,14 @@ class PruneRecord:
         text_config,
         pre: tuple[str, PrefillResult] | None = None,
         llm: tuple[str, LLMPrefillResult] | None = None,
+        text_tokens: torch.Tensor | None = None,
         kv_bytes_per_token: int | None = None,
     ):
-        if pre is None and llm is None:
-            raise ValueError("a PruneRecord needs a pre-LLM or an in-LLM result")
+        if (pre is None and llm is None) == (text_tokens is None):
+            raise ValueError("a PruneRecord needs a pre-LLM or an in-LLM result, or (a text-only prompt) text_tokens")
         self._pre = pre
         self._llm = llm
+        self._text_tokens = text_tokens
         self._text_config = text_config
         self._kv_bytes_per_token = kv_bytes_per_token
 
@@ -59,9 +64,11 @@ class PruneRecord:
         if self._pre is not None:
             r = self._pre[1]
             visual, before, after = r.visual_in, r.real_tokens_before, r.real_tokens_after
-        else:
+        elif self._llm is not None:
             r = self._llm[1]
             visual, before, after = r.visual_in, r.real_in, r.real_in
+        else:
+            visual, before, after = torch.zeros_like(self._text_tokens), self._text_tokens, self._text_tokens
         return {"visual": visual.tolist(), "before": before.tolist(), "after": after.tolist()}
 
     @cached_property
@@ -94,7 +101,9 @@ class PruneRecord:
 
     @property
     def visual_tokens_kept(self) -> list[int]:
-        """Visual tokens per sample that survive the last stage."""
+        """Visual tokens per sample that survive the last stage (all of them when there is none)."""
+        if not self.stages:
+            return self.visual_tokens_in
         return [int(kept.numel()) for kept in self.stages[-1].kept]
 
     @cached_property

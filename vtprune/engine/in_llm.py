@@ -1,19 +1,21 @@
 """The inside-the-LLM cut: drop visual tokens between decoder layers, model-agnostic.
 
-An adapter wires these callbacks to hooks on a loaded model:
+:class:`InLLMStage` is one stage of the stack (:mod:`vtprune.engine.stages`), which registers
+the hooks and keeps the per-forward state per thread:
 
-1. ``begin_prefill(visual_index)`` when a forward carries images: (B, L) original visual-token
-   index of every column of the merged sequence (-1 for text and padding);
-2. ``language_model_pre_hook`` on the decoder stack (registered after any pre-LLM cut's): at
-   prefill it records the sequence as the LLM receives it; at decode steps on the pruned cache
-   it prepares the per-stage masks and positions;
-3. ``layer_pre_hook(i)`` on decoder layers: at a probe layer it scores the columns with the
-   last-prompt-token attention probe; at a cut layer it drops visual tokens from the hidden
-   states; from the first cut on it hands every layer the reduced ``attention_mask``,
-   ``position_ids`` and rotary ``position_embeddings`` (the stack computes them once for the
-   full sequence and passes the same ones to every layer);
-4. ``language_model_hook`` (forward hook) closes the forward and, after a prefill, reports an
-   :class:`LLMPrefillResult` and remembers the cache for decode steps.
+1. :meth:`InLLMStage.start_prefill` in the decoder stack's pre-hook, with the (B, L) original
+   visual-token index of every column the LLM receives (-1 for text and padding; carried
+   through any pre-LLM cut): it records the sequence as the LLM receives it;
+2. :meth:`InLLMStage.layer_step` in a pre-hook on every decoder layer from the first probe
+   layer on: at a probe layer it scores the columns with the last-prompt-token attention probe;
+   at a cut layer it drops visual tokens from the hidden states; from the first cut on it hands
+   every layer the reduced ``attention_mask``, ``position_ids`` and rotary
+   ``position_embeddings`` (the stack computes them once for the full sequence and passes the
+   same ones to every layer);
+3. :meth:`InLLMStage.finish_prefill` in the stack's forward hook: the
+   :class:`PrunedPromptStages` decode steps need, and an :class:`LLMPrefillResult`;
+4. :meth:`InLLMStage.start_decode` at later forwards on the pruned cache: the per-stage masks
+   and positions.
 
 The backbone helper (``vtprune.patches.llm_backbones``) says where the layer parts are and
 builds masks with transformers' own mask builders, so each attention implementation (SDPA,
@@ -48,6 +50,7 @@ import torch
 
 from vtprune.engine.positions import check_positions, cut_positions, expand_positions, zero_shift
 from vtprune.engine.probe import last_token_attention
+from vtprune.engine.prompt import decode_step, padding_mask
 from vtprune.engine.sequence import SequenceCut, plan_cut
 from vtprune.methods.base import InLLMMethod
 
@@ -86,7 +89,6 @@ class PrunedPromptStages:
 
     input_length: int  # columns of the prompt as the LLM received it
     stages: list[Columns]  # stages[s] = what layers from cut s on processed (stages[0] = input)
-    cache: object = None
 
 
 @dataclass
@@ -103,111 +105,70 @@ class _Forward:
     masks: dict = field(default_factory=dict)  # mask kind -> mask, for the current stage
 
 
-class InLLMPruner:
-    def __init__(self, method: InLLMMethod, backbone, on_prefill, input_map=None):
+class InLLMStage:
+    def __init__(self, method: InLLMMethod, backbone):
         self.method = method
         self.backbone = backbone
         self.positions = method.config.positions
-        self.on_prefill = on_prefill  # callback(LLMPrefillResult)
-        self.input_map = input_map  # visual_index (original columns) -> columns the LLM receives
         self.schedule = method.schedule(backbone.num_layers)  # raises at patch time if it does not fit
         self.keeps_everything = method.keeps_everything()
         self.probe_at = {point.probe_layer: index for index, point in enumerate(self.schedule)}
         self.cut_at = {point.cut_layer: index for index, point in enumerate(self.schedule)}
         self.parts = {layer: backbone.attention_parts(layer) for layer in self.probe_at}
-        self.pending: torch.Tensor | None = None
-        self.prompt: PrunedPromptStages | None = None
-        self._forward: _Forward | None = None
 
     @property
     def first_hooked_layer(self) -> int:
         """Layers before this one never need a hook."""
         return min(min(self.probe_at), min(self.cut_at))
 
-    # -- called by the adapter --------------------------------------------------------------
-    def begin_prefill(self, visual_index: torch.Tensor) -> None:
-        self.pending = visual_index
-        self.prompt = None
-
-    def reset(self) -> None:
-        self.pending = None
-        self.prompt = None
-        self._forward = None
-
-    def cut_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """Cut (B, L) labels given in the LLM's input columns like the last prefill; -100 on padding."""
-        prompt = self.prompt
-        if prompt is None or labels.shape[1] != prompt.input_length:
+    @staticmethod
+    def cut_labels(prompt: PrunedPromptStages, labels: torch.Tensor) -> torch.Tensor:
+        """Cut (B, L) labels given in the LLM's input columns like the prefill; -100 on padding."""
+        if labels.shape[1] != prompt.input_length:
             return labels
         for stage in prompt.stages[1:]:
             labels = stage.cut.gather(labels, fill=-100)
         return labels
 
-    # -- hooks on the decoder stack -----------------------------------------------------------
-    def language_model_pre_hook(self, module, args, kwargs):
-        self._forward = None
-        if self.pending is not None:
-            visual_index, self.pending = self.pending, None
-            self._start_prefill(visual_index, kwargs)
-        elif self.prompt is not None and kwargs.get("cache") is not None and kwargs["cache"] is self.prompt.cache:
-            self._start_decode(self.prompt, kwargs)
-        return None
-
-    def language_model_hook(self, module, args, kwargs, output):
-        forward, self._forward = self._forward, None
-        if forward is None or not forward.prefill:
-            return None
-        cache = kwargs.get("cache")
-        if cache is None:
-            cache = getattr(output, "cache", None)
-        self.prompt = PrunedPromptStages(forward.stages[0].mask2d.shape[1], forward.stages, cache)
+    def finish_prefill(self, forward: _Forward) -> tuple[PrunedPromptStages, LLMPrefillResult]:
         stage0 = forward.stages[0]
-        self.on_prefill(
-            LLMPrefillResult(
-                visual_in=(stage0.visual_index >= 0).sum(dim=1),
-                real_in=stage0.mask2d.sum(dim=1),
-                cuts=forward.cuts,
-            )
+        result = LLMPrefillResult(
+            visual_in=(stage0.visual_index >= 0).sum(dim=1), real_in=stage0.mask2d.sum(dim=1), cuts=forward.cuts
         )
-        return None
+        return PrunedPromptStages(stage0.mask2d.shape[1], forward.stages), result
 
-    def layer_pre_hook(self, layer_index: int):
-        def hook(module, args, kwargs):
-            forward = self._forward
-            if forward is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if forward.prefill:
-                if layer_index in self.probe_at and not self.keeps_everything:
-                    forward.scores = self._probe(layer_index, hidden, forward, kwargs)
-                if layer_index in self.cut_at:
-                    hidden = self._cut(layer_index, hidden, forward, kwargs)
-            elif layer_index in self.cut_at and not self.keeps_everything:
-                self._enter_decode_stage(self.cut_at[layer_index] + 1, hidden, forward, kwargs)
-            if not forward.substitute:
-                return None
-            kind = self.backbone.mask_kind(layer_index)
-            if kind not in forward.masks:
-                substitute = forward.substitute
-                forward.masks[kind] = self.backbone.build_mask(
-                    layer_index,
-                    hidden,
-                    substitute["mask2d"],
-                    kwargs.get("cache"),
-                    self._layer_positions(substitute["position_ids"]),
-                )
-            new_kwargs = dict(
-                kwargs,
-                attention_mask=forward.masks[kind],
-                position_ids=self._layer_positions(forward.substitute["position_ids"]),
-                position_embeddings=forward.substitute["position_embeddings"],
+    def layer_step(self, layer_index: int, forward: _Forward, prompt: PrunedPromptStages | None, args, kwargs):
+        """Decoder layer ``layer_index``'s pre-hook body for this forward (None: its inputs as they are)."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if forward.prefill:
+            if layer_index in self.probe_at and not self.keeps_everything:
+                forward.scores = self._probe(layer_index, hidden, forward, kwargs)
+            if layer_index in self.cut_at:
+                hidden = self._cut(layer_index, hidden, forward, kwargs)
+        elif layer_index in self.cut_at and not self.keeps_everything:
+            self._enter_decode_stage(prompt.stages[self.cut_at[layer_index] + 1], hidden, forward, kwargs)
+        if not forward.substitute:
+            return None
+        kind = self.backbone.mask_kind(layer_index)
+        if kind not in forward.masks:
+            substitute = forward.substitute
+            forward.masks[kind] = self.backbone.build_mask(
+                layer_index,
+                hidden,
+                substitute["mask2d"],
+                kwargs.get("cache"),
+                self._layer_positions(substitute["position_ids"]),
             )
-            if args:
-                return (hidden, *args[1:]), new_kwargs
-            new_kwargs["hidden_states"] = hidden
-            return args, new_kwargs
-
-        return hook
+        new_kwargs = dict(
+            kwargs,
+            attention_mask=forward.masks[kind],
+            position_ids=self._layer_positions(forward.substitute["position_ids"]),
+            position_embeddings=forward.substitute["position_embeddings"],
+        )
+        if args:
+            return (hidden, *args[1:]), new_kwargs
+        new_kwargs["hidden_states"] = hidden
+        return args, new_kwargs
 
     def _layer_positions(self, positions: torch.Tensor) -> torch.Tensor | None:
         """The position ids the decoder layers (and mask builders) receive: the stack's own rule for
@@ -216,32 +177,16 @@ class InLLMPruner:
         return positions if layer_positions is None else layer_positions(positions)
 
     # -- prefill --------------------------------------------------------------------------
-    def _start_prefill(self, visual_index: torch.Tensor, kwargs: dict) -> None:
-        cache = kwargs.get("cache")
-        if cache is not None and cache.get_seq_length() > 0:
-            raise NotImplementedError(
-                "vtprune prunes a prompt at prefill; continuing an existing cache with new images is not "
-                "supported. Start from an empty cache."
-            )
-        if cache is not None and getattr(cache, "is_compileable", False):  # static caches: one length for all
-            raise NotImplementedError(
-                f"in-LLM pruning needs a dynamic cache (layers of different lengths); got {type(cache).__name__}. "
-                "Use the default DynamicCache (do not set cache_implementation='static')."
-            )
+    def start_prefill(self, visual_index: torch.Tensor, kwargs: dict) -> _Forward:
+        """visual_index: (B, L) original visual-token index of each column the LLM receives."""
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise NotImplementedError("vtprune needs a 2-D attention mask (padding mask); got a 4-D mask")
-        if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+        mask = padding_mask(kwargs.get("attention_mask"), batch, length, embeds.device)
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=embeds.device)[None]
         check_positions(positions)
         visual_index = visual_index.to(embeds.device)
-        if self.input_map is not None:
-            visual_index = self.input_map(visual_index)
         if visual_index.shape != (batch, length):
             raise RuntimeError(
                 f"the image-token map ({tuple(visual_index.shape)}) does not match the LLM input ({batch}, {length})"
@@ -254,7 +199,7 @@ class InLLMPruner:
             removed=torch.zeros(batch, dtype=torch.long, device=embeds.device),
             shift=zero_shift(positions),
         )
-        self._forward = _Forward(prefill=True, stages=[stage0])
+        return _Forward(prefill=True, stages=[stage0])
 
     def _current_embeddings(self, forward: _Forward, kwargs: dict):
         return forward.substitute.get("position_embeddings", kwargs.get("position_embeddings"))
@@ -299,36 +244,20 @@ class InLLMPruner:
         return hidden
 
     # -- decode ---------------------------------------------------------------------------
-    def _start_decode(self, prompt: PrunedPromptStages, kwargs: dict) -> None:
-        if len(prompt.stages) == 1:  # nothing was cut
-            return
-        embeds = kwargs["inputs_embeds"]
-        batch, query_length = embeds.shape[:2]
-        cached_after_prompt = kwargs["cache"].get_seq_length() - prompt.input_length  # layer 0: unpruned
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            extra = torch.ones(batch, cached_after_prompt + query_length, dtype=torch.long, device=embeds.device)
-        else:
-            if mask.dim() != 2:
-                raise NotImplementedError("vtprune needs a 2-D attention mask (padding mask); got a 4-D mask")
-            extra = mask[:, prompt.input_length :]
-            if extra.shape[1] != cached_after_prompt + query_length:
-                raise ValueError(
-                    f"attention_mask has {mask.shape[1]} columns but the pruned prompt continues with "
-                    f"{prompt.input_length} + {cached_after_prompt + query_length}; pass the mask of the full "
-                    "prompt plus the generated tokens"
-                )
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            offset = prompt.input_length + cached_after_prompt
-            positions = torch.arange(query_length, device=embeds.device)[None] + offset
-        check_positions(positions)
-        self._forward = _Forward(
-            prefill=False, base_positions=expand_positions(positions, batch, query_length), extra_mask=extra
+    def start_decode(self, prompt: PrunedPromptStages, kwargs: dict) -> _Forward | None:
+        """A later forward on the pruned cache (None when the prefill cut nothing)."""
+        if len(prompt.stages) == 1:
+            return None
+        step = decode_step(kwargs, prompt.input_length, prompt.input_length, prompt.stages[0].mask2d.dtype)
+        check_positions(step.positions)
+        batch = kwargs["inputs_embeds"].shape[0]
+        return _Forward(
+            prefill=False,
+            base_positions=expand_positions(step.positions, batch, step.query_length),
+            extra_mask=step.extra_mask,
         )
 
-    def _enter_decode_stage(self, stage_index, hidden, forward: _Forward, kwargs) -> None:
-        stage = self.prompt.stages[stage_index]
+    def _enter_decode_stage(self, stage: Columns, hidden, forward: _Forward, kwargs) -> None:
         positions = forward.base_positions
         if self.positions == "compact":
             embeddings = None

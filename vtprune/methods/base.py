@@ -16,23 +16,10 @@ from typing import ClassVar
 
 import torch
 
-from vtprune.methods.highres import CropLayout, keep_top, subimage_budgets
+from vtprune.methods.highres import keep_top, subimage_budgets
+from vtprune.types import CropLayout, VisualLayout
 
 POSITION_MODES = ("compact", "original")
-
-
-@dataclass(frozen=True)
-class VisualLayout:
-    """What one image looks like as visual tokens.
-
-    ``num_tokens`` visual tokens per image, of which the last ``grid[0] * grid[1]`` are patches
-    in raster order and the first ``num_prefix`` are extra tokens (the [CLS] token when the
-    model feeds it to the LLM with ``vision_feature_select_strategy="full"``).
-    """
-
-    num_tokens: int
-    grid: tuple[int, int]
-    num_prefix: int = 0
 
 
 @dataclass

@@ -11,32 +11,10 @@ that exist after the model unpads the crops (the base image is fully valid).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class CropLayout:
-    """How one high-resolution image is split: ``grid`` patches per sub-image, ``crop_grid`` crops.
-
-    ``valid`` lives on the model's device; ``valid_host`` is the same mask on the CPU, which the
-    adapter builds from the image sizes anyway, for the few decisions that need Python ints.
-    """
-
-    grid: tuple[int, int]
-    crop_grid: tuple[int, int]
-    valid: torch.Tensor  # (S, N) bool
-    valid_host: torch.Tensor | None = None
-
-    @property
-    def num_subimages(self) -> int:
-        return self.valid.shape[0]
-
-    @property
-    def host_valid(self) -> torch.Tensor:
-        return self.valid_host if self.valid_host is not None else self.valid.cpu()
+from vtprune.types import CropLayout
 
 
 def keep_top(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
