@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from vtprune.evals.models.processors import build_processor
+from vtprune.evals.models.llava_original import build_llava_original, llava_original_config, save_clip_tower
+from vtprune.evals.models.processors import build_processor, build_tokenizer
 from vtprune.evals.models.transformers_vlms import text_config, tiny_llava
 
 TOKENS_PER_IMAGE = 16  # tiny_llava: 32 px images, 8 px patches -> a 4 x 4 grid
@@ -38,7 +39,7 @@ def answer_always(model, tokenizer, word: str) -> None:
         head[ids[2], ids[1]] = 1.0
 
 
-def save_toy_model(path, corpus: list[str], answer: str | None = None, vocab_size: int | None = None) -> Path:
+def save_tiny_llava(path, corpus: list[str], answer: str | None = None, vocab_size: int | None = None) -> Path:
     """save_pretrained a tiny LLaVA and its processor into ``path``.
 
     ``vocab_size`` below the tokenizer's makes the highest token ids out of range for the model.
@@ -52,6 +53,65 @@ def save_toy_model(path, corpus: list[str], answer: str | None = None, vocab_siz
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return Path(path)
+
+
+def answer_always_original(model, tokenizer, word: str) -> None:
+    """Make the LLM a bigram table: after ":" (the end of "ASSISTANT:") say ``word``, then EOS.
+
+    As :func:`answer_always` for the transformers LLaVA: one-hot embeddings (the hidden
+    size must be at least the vocabulary), zeroed attention and MLP outputs, and an LM head that
+    maps ":" to ``word`` and ``word`` to EOS. The image does not change the answer.
+    """
+    vocab = model.config.vocab_size
+    if model.config.hidden_size < vocab:
+        raise ValueError(f"one-hot embeddings need hidden_size >= vocab_size ({model.config.hidden_size} < {vocab})")
+    ids = tokenizer.convert_tokens_to_ids([":", word, tokenizer.eos_token])
+    language_model = model.get_model()
+    with torch.no_grad():
+        embeddings = language_model.embed_tokens.weight
+        embeddings.zero_()
+        embeddings[torch.arange(vocab), torch.arange(vocab)] = 1.0
+        for layer in language_model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = model.lm_head.weight
+        head.zero_()
+        head[ids[1], ids[0]] = 1.0
+        head[ids[2], ids[1]] = 1.0
+
+
+def save_llava_original(path, corpus: list[str], *, answer: str | None = None, seed: int = 0, **config):
+    """A tiny original-LLaVA checkpoint folder that ``llava.model.builder.load_pretrained_model`` loads offline.
+
+    The folder holds the model (``save_pretrained``), a word-level tokenizer over ``corpus`` and,
+    in ``clip_tower/``, the CLIP tower that ``mm_vision_tower`` points at (an absolute path). The
+    builder picks the LLaVA code path only when the model name (the folder's last component)
+    contains "llava", so ``path`` must. ``answer`` makes the model always answer that word.
+    """
+    path = Path(path).resolve()
+    if "llava" not in path.name.lower():
+        raise ValueError(f"load_pretrained_model needs 'llava' in the model folder's name; got {path.name!r}")
+    tower = save_clip_tower(path / "clip_tower", seed=seed)
+    tokenizer = build_tokenizer(corpus)
+    options = dict(
+        vocab=len(tokenizer),
+        mm_use_im_patch_token=False,  # else the builder adds <im_patch> and resizes the embeddings
+        mm_use_im_start_end=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = build_llava_original(llava_original_config(tower, **{**options, **config}), seed=seed)
+    if answer is not None:
+        answer_always_original(model, tokenizer, answer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    # as released checkpoints: without the tower's weights (the builder loads it from mm_vision_tower)
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.")}
+    model.save_pretrained(path, state_dict=weights)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def offline_env(tmp_path) -> dict:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 import pytest
-from eval_helpers import TOKENS_PER_IMAGE, run_lmms_eval, save_toy_model
+from eval_helpers import TOKENS_PER_IMAGE, run_lmms_eval, save_tiny_llava
 
 import vtprune
 from vtprune.evals.lmms.plugin import ModelArgs, parse_model_args
@@ -132,7 +132,7 @@ LIMIT = 6
 
 
 def test_lmms_eval_cli_runs_vtprune_end_to_end(tmp_path):
-    model_dir = save_toy_model(tmp_path / "model", shapes.corpus(), answer="red")
+    model_dir = save_tiny_llava(tmp_path / "model", shapes.corpus(), answer="red")
     task_dir = make_builtin_task("vtprune_shapes", tmp_path / "tasks", n=LIMIT)
     stats = tmp_path / "stats.json"
     model_args = f"base=llava_hf,pretrained={model_dir},device=cpu,method=fastervlm,keep_tokens=5,stats_path={stats}"
@@ -174,7 +174,7 @@ def test_a_failing_generation_exits_non_zero_and_names_the_sample(tmp_path):
     corpus = shapes.corpus() * 2 + ["zebra"]
     tokenizer = build_tokenizer(corpus)
     assert tokenizer.convert_tokens_to_ids("zebra") == len(tokenizer) - 1
-    model_dir = save_toy_model(tmp_path / "model", corpus, vocab_size=len(tokenizer) - 1)
+    model_dir = save_tiny_llava(tmp_path / "model", corpus, vocab_size=len(tokenizer) - 1)
     images = [r["image"] for r in shapes.records(3)]
     questions = ["What colour is the square?", "What colour is the circle?", "What colour is the zebra?"]
     records = [{"image": i, "question": q, "answer": "red"} for i, q in zip(images, questions)]

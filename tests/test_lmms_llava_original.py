@@ -13,13 +13,12 @@ import json
 
 import pytest
 import torch
-from eval_helpers import run_lmms_eval
+from eval_helpers import run_lmms_eval, save_llava_original
 
 pytest.importorskip("llava.model", reason="the original LLaVA package (llava-torch) is not installed here")
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed here")
 
 from vtprune.evals.lmms.plugin import _with_device_map  # noqa: E402
-from vtprune.evals.models.llava_original import save_llava_original  # noqa: E402
 from vtprune.evals.tasks import shapes  # noqa: E402
 from vtprune.evals.tasks.make_task import make_builtin_task  # noqa: E402
 

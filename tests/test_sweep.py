@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from eval_helpers import TOKENS_PER_IMAGE, save_toy_model
+from eval_helpers import TOKENS_PER_IMAGE, save_tiny_llava
 from PIL import Image
 
 from vtprune.cli import main as vtprune_main
@@ -23,7 +23,7 @@ LIMIT = 4
 def setup(tmp_path_factory):
     """A saved always-"red" tiny LLaVA, the offline task, and an offline datasets cache."""
     root = tmp_path_factory.mktemp("sweep")
-    model_dir = save_toy_model(root / "model", shapes.corpus(), answer="red")
+    model_dir = save_tiny_llava(root / "model", shapes.corpus(), answer="red")
     task_dir = make_builtin_task("vtprune_shapes", root / "tasks", n=LIMIT).parent
     expected = sum(r["answer"] == "red" for r in shapes.records(LIMIT)) / LIMIT
     model_args = {"base": "llava_hf", "pretrained": str(model_dir), "device": "cpu"}
