@@ -19,13 +19,18 @@ TOKENS_PER_IMAGE = 16  # tiny_llava: 32 px images, 8 px patches -> a 4 x 4 grid
 def answer_always(model, tokenizer, word: str) -> None:
     """Turn the LLM into a bigram table: after ":" (the end of "ASSISTANT:") say ``word``, then EOS.
 
-    Embeddings become one-hot rows and every attention and MLP output projection is zeroed, so
-    the last hidden state is the current token's own embedding; the LM head maps it to the next
-    token. The image is irrelevant to the answer, so accuracy is known in advance.
+    Embeddings become one-hot rows (the hidden size must be at least the vocabulary) and every
+    attention and MLP output projection is zeroed, so the last hidden state is the current
+    token's own embedding; the LM head maps it to the next token. The image is irrelevant to the
+    answer, so accuracy is known in advance. For the transformers LLaVA and the original LLaVA
+    (``LlavaLlamaForCausalLM``, whose ``model`` is the LLM itself).
     """
-    vocab = model.config.text_config.vocab_size
+    config = getattr(model.config, "text_config", model.config)
+    vocab = config.vocab_size
+    if config.hidden_size < vocab:
+        raise ValueError(f"one-hot embeddings need hidden_size >= vocab_size ({config.hidden_size} < {vocab})")
     ids = tokenizer.convert_tokens_to_ids([":", word, tokenizer.eos_token])
-    language_model = model.model.language_model
+    language_model = getattr(model.model, "language_model", model.model)
     with torch.no_grad():
         embeddings = language_model.embed_tokens.weight
         embeddings.zero_()
@@ -55,31 +60,6 @@ def save_tiny_llava(path, corpus: list[str], answer: str | None = None, vocab_si
     return Path(path)
 
 
-def answer_always_original(model, tokenizer, word: str) -> None:
-    """Make the LLM a bigram table: after ":" (the end of "ASSISTANT:") say ``word``, then EOS.
-
-    As :func:`answer_always` for the transformers LLaVA: one-hot embeddings (the hidden
-    size must be at least the vocabulary), zeroed attention and MLP outputs, and an LM head that
-    maps ":" to ``word`` and ``word`` to EOS. The image does not change the answer.
-    """
-    vocab = model.config.vocab_size
-    if model.config.hidden_size < vocab:
-        raise ValueError(f"one-hot embeddings need hidden_size >= vocab_size ({model.config.hidden_size} < {vocab})")
-    ids = tokenizer.convert_tokens_to_ids([":", word, tokenizer.eos_token])
-    language_model = model.get_model()
-    with torch.no_grad():
-        embeddings = language_model.embed_tokens.weight
-        embeddings.zero_()
-        embeddings[torch.arange(vocab), torch.arange(vocab)] = 1.0
-        for layer in language_model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        head = model.lm_head.weight
-        head.zero_()
-        head[ids[1], ids[0]] = 1.0
-        head[ids[2], ids[1]] = 1.0
-
-
 def save_llava_original(path, corpus: list[str], *, answer: str | None = None, seed: int = 0, **config):
     """A tiny original-LLaVA checkpoint folder that ``llava.model.builder.load_pretrained_model`` loads offline.
 
@@ -103,7 +83,7 @@ def save_llava_original(path, corpus: list[str], *, answer: str | None = None, s
     )
     model = build_llava_original(llava_original_config(tower, **{**options, **config}), seed=seed)
     if answer is not None:
-        answer_always_original(model, tokenizer, answer)
+        answer_always(model, tokenizer, answer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

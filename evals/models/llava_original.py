@@ -42,17 +42,11 @@ def save_clip_tower(
     seed=0,
 ) -> str:
     """A tiny random CLIP vision tower (+ image processor) saved with ``save_pretrained``."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPImageProcessor, CLIPVisionModel
 
-    config = CLIPVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 4,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=hidden,
-    )
+    from vtprune.evals.models.transformers_vlms import clip_vision_config
+
+    config = clip_vision_config(image_size, patch_size, hidden, layers, heads)
     torch.manual_seed(seed)
     CLIPVisionModel(config).save_pretrained(path)
     size = {"shortest_edge": image_size}

@@ -31,6 +31,19 @@ def text_config(model_type="llama", hidden=64, layers=2, heads=4, kv_heads=2, in
     )
 
 
+def clip_vision_config(image_size=32, patch_size=8, hidden=32, layers=3, heads=4) -> CLIPVisionConfig:
+    """A small CLIP vision tower's config (MLP 4x wide): the tower of the tiny LLaVA and of the original LLaVA."""
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden,
+    )
+
+
 def llava_config(
     *,
     image_size=32,
@@ -43,15 +56,7 @@ def llava_config(
     select_strategy="default",
     attn_implementation="sdpa",
 ) -> LlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=vision_hidden * 4,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden,
-    )
+    vision = clip_vision_config(image_size, patch_size, vision_hidden, vision_layers, vision_heads)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text if text is not None else text_config(),
