@@ -72,9 +72,9 @@ def test_a_preset_waits_for_its_method(future_method):
 
 def test_a_preset_patches_a_model_with_its_settings():
     model = tiny_llava()
-    method, options = presets.resolve("fastervlm-58", {"keep_tokens": 5})  # tiny images have 16 tokens
+    assert presets.resolve("fastervlm-58", {"keep_tokens": 5}) == ("fastervlm", {"keep_tokens": 5})
     input_ids = prompt_ids([3, 4])[None]
-    with vtprune.patched(model, method, **options) as handle, torch.no_grad():
+    with vtprune.patched(model, "fastervlm-58", keep_tokens=5) as handle, torch.no_grad():  # tiny images: 16 tokens
         model(input_ids=input_ids, pixel_values=torch.randn(1, 3, 32, 32))
     assert (input_ids == IMAGE_TOKEN_ID).sum() == 16
     assert handle.last.visual_tokens_kept == [5]
@@ -88,6 +88,8 @@ def test_bad_preset_use_fails_clearly():
     with pytest.raises(ValueError, match="already registered"):
         presets.register_preset(presets.Preset("fastervlm-58", "fastervlm", {"keep_tokens": 57}))
     with pytest.raises(ValueError, match="keep_ratio must be in"):
-        presets.resolve("fastervlm-58", {"keep_tokens": None, "keep_ratio": 3.0})
-    with pytest.raises(ValueError, match="unknown option"):
-        presets.resolve("random", {"keep_tokenz": 3})
+        vtprune.build_methods("fastervlm-58", {"keep_tokens": None, "keep_ratio": 3.0})
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['keep_tokenz'\] for RandomConfig"):
+        vtprune.build_methods("random-58", {"keep_tokenz": 3})
+    with pytest.raises(ValueError, match="Did you mean 'fastervlm'"):
+        presets.resolve("fastervlmm")

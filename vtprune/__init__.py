@@ -5,6 +5,8 @@ handle = vtprune.patch(model, "fastervlm", keep_ratio=0.1)
 model.generate(**inputs)
 handle.last.stages        # what was kept
 handle.remove()           # the model is exactly as before
+
+Every built-in method's config class is importable from here: ``from vtprune import FasterVLMConfig``.
 """
 
 from vtprune import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
@@ -12,7 +14,23 @@ from vtprune import presets
 from vtprune.api import get_handle, patch, patched, unpatch
 from vtprune.config import build_methods, parse_spec
 from vtprune.handle import PruneHandle, PruneRecord, Stage
-from vtprune.methods.base import BudgetConfig, CutPoint, InLLMMethod, Method, MethodConfig, VisualLayout
+from vtprune.methods.base import (
+    BudgetConfig,
+    CutPoint,
+    InLLMMethod,
+    Method,
+    MethodConfig,
+    UnknownOptionError,
+    VisualLayout,
+)
+from vtprune.methods.baselines import RandomConfig, UniformConfig
+from vtprune.methods.fastervlm import FasterVLMConfig
+from vtprune.methods.fastv import FastVConfig
+from vtprune.methods.fopru import FoPruConfig
+from vtprune.methods.globalcom2 import GlobalCom2Config
+from vtprune.methods.hired import HiREDConfig
+from vtprune.methods.pdrop import PDropConfig
+from vtprune.methods.quota import QuotaConfig
 from vtprune.registry import methods, register_method
 
 __version__ = "0.1.0"
@@ -20,12 +38,22 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetConfig",
     "CutPoint",
+    "FastVConfig",
+    "FasterVLMConfig",
+    "FoPruConfig",
+    "GlobalCom2Config",
+    "HiREDConfig",
     "InLLMMethod",
     "Method",
     "MethodConfig",
+    "PDropConfig",
     "PruneHandle",
     "PruneRecord",
+    "QuotaConfig",
+    "RandomConfig",
     "Stage",
+    "UniformConfig",
+    "UnknownOptionError",
     "VisualLayout",
     "build_methods",
     "get_handle",

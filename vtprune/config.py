@@ -2,6 +2,8 @@
 
 Accepted forms (all validated by the method's config dataclass):
 - ``patch(model, "fastervlm", keep_ratio=0.1)``: a name plus keyword options;
+- ``patch(model, "fastervlm-58")``: a preset name (see :mod:`vtprune.presets`), its options
+  replaced by those of the spec and then by keyword options, e.g. ``"fastervlm-58", keep_tokens=29``;
 - ``"fastervlm:keep_tokens=58,positions=original"``: a string spec (lists as ``8;16;24``);
 - ``{"method": "fastervlm", "keep_tokens": 58}``: a dict;
 - ``FasterVLMConfig(keep_tokens=58)``: a config object;
@@ -12,77 +14,10 @@ Accepted forms (all validated by the method's config dataclass):
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 
 from vtprune.methods.base import Method, MethodConfig
+from vtprune.presets import resolve
 from vtprune.registry import _METHODS, get_method
-
-
-def _coerce(value, annotation):
-    """Coerce a value (often a string from a spec or a CLI) to a dataclass field's type."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        is_none = value is None or (isinstance(value, str) and value.lower() == "none")
-        if is_none and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option)
-            except (TypeError, ValueError) as error:
-                errors.append(str(error))
-        raise ValueError("; ".join(errors))
-    if origin in (list, tuple):
-        (item,) = typing.get_args(annotation)[:1] or (object,)
-        if isinstance(value, str):
-            value = [part for part in value.replace(",", ";").split(";") if part.strip()]
-        elif not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(part, item) for part in value]
-    if annotation is bool:
-        if isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered in ("true", "1", "yes"):
-                return True
-            if lowered in ("false", "0", "no"):
-                return False
-            raise ValueError(f"expected a boolean, got {value!r}")
-        return bool(value)
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {value!r}")
-        number = float(value) if isinstance(value, str) else value
-        if isinstance(number, float) and not number.is_integer():
-            raise ValueError(f"expected an integer, got {value!r}")
-        return int(number)
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        return str(value)
-    return value
-
-
-def make_config(method: type[Method], options: dict) -> MethodConfig:
-    """Build and validate ``method.config_class`` from loosely typed options."""
-    config_class = method.config_class
-    hints = typing.get_type_hints(config_class)
-    names = [f.name for f in dataclasses.fields(config_class)]
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method.name!r}; valid options: {', '.join(names)}")
-    coerced = {}
-    for key, value in options.items():
-        try:
-            coerced[key] = _coerce(value, hints[key])
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{method.name}: option {key}={value!r}: {error}") from None
-    return config_class(**coerced)
 
 
 def parse_spec(spec: str) -> list[tuple[str, dict]]:
@@ -126,8 +61,9 @@ def build_methods(spec, options: dict | None = None) -> list[Method]:
             raise ValueError("keyword options are ambiguous with a multi-stage spec; put them in the spec")
         methods = []
         for name, stage_options in stages:
-            method = get_method(name)
-            methods.append(method(make_config(method, {**stage_options, **options})))
+            method_name, merged = resolve(name, {**stage_options, **options})
+            method = get_method(method_name)
+            methods.append(method(method.config_class(**merged)))
         return methods
     if isinstance(spec, (list, tuple)):
         if options:

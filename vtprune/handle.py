@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -174,18 +175,27 @@ class PruneRecord:
 
 @dataclass
 class PruneHandle:
-    """Returned by :func:`vtprune.patch`. ``remove()`` restores the model exactly."""
+    """Returned by :func:`vtprune.patch`. ``remove()`` restores the model exactly.
+
+    ``hooks`` holds what the adapter installed: torch ``RemovableHandle``s, and instance-method
+    wrappers (objects with ``obj`` and ``name``: the wrapper is ``vars(obj)[name]``) that
+    ``remove()`` restores.
+    """
 
     model: torch.nn.Module
     methods: list
     hooks: list = field(default_factory=list)
     last: PruneRecord | None = None
     _on_remove: list = field(default_factory=list)
+    _copy_guards: list = field(default_factory=list)  # modules given an instance __deepcopy__ (guard_copies)
     removed: bool = False
 
     def remove(self) -> None:
         if self.removed:
             return
+        for module in self._copy_guards:
+            vars(module).pop("__deepcopy__", None)
+        self._copy_guards.clear()
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
@@ -203,7 +213,39 @@ class PruneHandle:
         the prefill in progress. Hook order on every module is restored exactly; instance-method
         wrappers stay (they only annotate outputs, or are compatibility shims the model needs).
         """
-        ours = {hook.id for hook in self.hooks if isinstance(hook, RemovableHandle)}
+        with self._detached(instance_attributes=False):
+            yield self
+
+    def guard_copies(self) -> None:
+        """Make ``copy.deepcopy`` of the model, or of a module holding vtprune's hooks, an unpatched copy.
+
+        Called by :func:`vtprune.patch` once the adapter installed everything. Without it a copy
+        would carry the hooks (bound to this handle's state, and out of reach of any handle) and
+        the instance-method wrappers. Each such module gets an instance ``__deepcopy__`` that
+        copies it with all of vtprune detached (as :meth:`suspended`, wrappers and these guards
+        included), then puts everything back; ``remove()`` takes the guards away. A forward that
+        another thread runs during the copy runs unpruned.
+        """
+        tables = {id(table) for table, _ in self._hook_tables()}
+        wrapped = {id(obj) for obj, _ in self._instance_attributes()}
+        for module in self.model.modules():
+            ours = id(module) in wrapped or any(id(value) in tables for value in vars(module).values())
+            if module is not self.model and not ours:
+                continue
+            if "__deepcopy__" in vars(module):
+                raise RuntimeError(f"{type(module).__name__}.__deepcopy__ is already overridden on this instance")
+            vars(module)["__deepcopy__"] = self._unpatched_copier(module)
+            self._copy_guards.append(module)
+
+    def _unpatched_copier(self, module):
+        def deepcopy_unpatched(memo):
+            with self._detached(instance_attributes=True):
+                return copy.deepcopy(module, memo)
+
+        return deepcopy_unpatched
+
+    def _hook_tables(self) -> list[tuple[dict, list]]:
+        """Every hook dict that holds one of this handle's hooks, with its ordered contents."""
         saved = {}  # id(dict) -> (hook dict of a module, its ordered contents)
         for hook in self.hooks:
             if isinstance(hook, RemovableHandle):
@@ -211,18 +253,37 @@ class PruneHandle:
                     table = ref()
                     if table is not None and id(table) not in saved:
                         saved[id(table)] = (table, list(table.items()))
-        for table, _ in saved.values():
+        return list(saved.values())
+
+    def _instance_attributes(self) -> list[tuple[object, str]]:
+        """(object, attribute) of every instance-method wrapper and copy guard of this handle."""
+        wrappers = [(hook.obj, hook.name) for hook in self.hooks if not isinstance(hook, RemovableHandle)]
+        return wrappers + [(module, "__deepcopy__") for module in self._copy_guards]
+
+    @contextlib.contextmanager
+    def _detached(self, instance_attributes: bool):
+        """Take this handle's hooks (and, if asked, its instance attributes) off the model, then put them back."""
+        ours = {hook.id for hook in self.hooks if isinstance(hook, RemovableHandle)}
+        saved = self._hook_tables()
+        for table, _ in saved:
             for key in ours & table.keys():
                 del table[key]
+        popped = []
+        if instance_attributes:
+            popped = [
+                (obj, name, vars(obj).pop(name)) for obj, name in self._instance_attributes() if name in vars(obj)
+            ]
         try:
-            yield self
+            yield
         finally:
-            for table, items in saved.values():
+            for table, items in saved:
                 before = dict(items)
                 added = [(k, v) for k, v in table.items() if k not in before]  # hooks registered meanwhile
                 table.clear()
                 table.update(items)
                 table.update(added)
+            for obj, name, value in popped:
+                vars(obj)[name] = value
 
     def set_query(self, text) -> None:
         """Give query-aware methods (quota) the user's question for the next forwards.

@@ -1,6 +1,7 @@
 """Named presets: each paper's headline settings under one name.
 
-    vtprune.patch(model, *vtprune.presets.resolve("fastervlm-58"))
+    vtprune.patch(model, "fastervlm-58")                  # the preset's options
+    vtprune.patch(model, "fastervlm-58", keep_tokens=29)  # keywords replace them
     python -m lmms_eval --model vtprune --model_args base=llava_hf,pretrained=...,preset=fastervlm-58
 
 A preset names a registered method and its options. Presets may be defined for methods that
@@ -15,7 +16,6 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from vtprune.config import make_config
 from vtprune.registry import _METHODS, get_method
 
 # The token budgets FasterVLM reports for LLaVA-1.5 (576 visual tokens): 25/50/75/90/95 % pruned.
@@ -81,7 +81,7 @@ def get_preset(name: str) -> Preset:
             f"preset {name!r} needs method {preset.method!r}, which is not registered in this installation "
             f"(registered methods: {', '.join(sorted(_METHODS))}); pick another preset or method"
         )
-    make_config(get_method(preset.method), dict(preset.options))
+    get_method(preset.method).config_class(**preset.options)
     return preset
 
 
@@ -90,18 +90,18 @@ def is_preset(name: str) -> bool:
 
 
 def resolve(name: str, overrides: dict | None = None) -> tuple[str, dict]:
-    """``name`` (a preset or a method) plus option overrides -> (method, options), validated.
+    """``name`` (a preset or a registered method) plus option overrides -> (method, options).
 
-    A preset's options come first and ``overrides`` replace them; a method name passes through.
+    A preset's options come first and ``overrides`` replace them (the precedence of
+    ``vtprune.patch`` and of the lmms-eval model); a method name passes through. The options are
+    validated when the method's config is built from them (``vtprune.patch``, ``build_methods``).
     """
     overrides = dict(overrides or {})
     if is_preset(name):
         preset = get_preset(name)
-        method, options = preset.method, {**preset.options, **overrides}
-    else:
-        method, options = name, overrides
-    make_config(get_method(method), options)
-    return method, options
+        return preset.method, {**preset.options, **overrides}
+    get_method(name)  # an unknown name: the error suggests the closest method
+    return name, overrides
 
 
 def _builtin() -> None:

@@ -32,6 +32,11 @@ def get_method(name: str) -> type[Method]:
     try:
         return _METHODS[name]
     except KeyError:
+        if name.lower() == "none":
+            raise ValueError(
+                "'none' is not a method: to run a model unpruned, do not patch it (or remove its handle). "
+                "method=none is how the lmms-eval model and `vtprune eval` name the unpruned baseline"
+            ) from None
         known = sorted(_METHODS)
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""

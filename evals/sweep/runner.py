@@ -81,9 +81,7 @@ def plan(
         configs.append(_config_from_spec(spec))
     for config in configs:
         if config.method is not None:
-            from vtprune.config import make_config
-
-            make_config(get_method(config.method), dict(config.options))
+            get_method(config.method).config_class(**config.options)  # validates the options now
     labels = [c.label for c in configs]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:

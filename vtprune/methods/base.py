@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,17 +24,104 @@ from vtprune.types import CropLayout, VisualLayout
 POSITION_MODES = ("compact", "original")
 
 
+def coerce(value, annotation):
+    """Coerce a value (often a string from a spec or a CLI) to a dataclass field's type.
+
+    Raises ValueError when the value does not fit (``2.5`` or ``"2.5"`` for an ``int``).
+    """
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        is_none = value is None or (isinstance(value, str) and value.lower() == "none")
+        if is_none and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option)
+            except (TypeError, ValueError) as error:
+                errors.append(str(error))
+        raise ValueError("; ".join(errors))
+    if origin in (list, tuple):
+        (item,) = typing.get_args(annotation)[:1] or (object,)
+        if isinstance(value, str):
+            value = [part for part in value.replace(",", ";").split(";") if part.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        return [coerce(part, item) for part in value]
+    if annotation is bool:
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError(f"expected a boolean, got {value!r}")
+        return bool(value)
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        return int(number)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        return str(value)
+    return value
+
+
+class UnknownOptionError(TypeError, ValueError):
+    """An option the method's config does not have.
+
+    A TypeError, as for any unexpected keyword argument (``FasterVLMConfig(keep_token=5)``,
+    ``dataclasses.replace``), and a ValueError, as for any other bad option in a spec string.
+    """
+
+
 @dataclass
 class MethodConfig:
     """Options shared by every method.
 
     positions: "compact" renumbers positions after pruning, "original" keeps each token's
     original position id. Each method's default follows its official code.
+
+    However a config is built (keywords, a spec string, ``dataclasses.replace``), an unknown
+    option raises :class:`UnknownOptionError` listing the valid ones, and every field is
+    coerced to its annotated type in ``__post_init__`` (``"58"`` -> 58 for an ``int``; ``2.5``
+    for an ``int`` raises). Subclasses call ``super().__post_init__()`` first, then check values.
     """
 
     positions: str = "compact"
 
+    def __new__(cls, *args, **kwargs):
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise UnknownOptionError(
+                f"unknown option(s) {unknown} for {cls.__name__}; valid options: {', '.join(names)}"
+            )
+        return super().__new__(cls)
+
     def __post_init__(self):
+        try:
+            hints = typing.get_type_hints(type(self))
+        except NameError as error:
+            raise TypeError(
+                f"cannot read the field types of {type(self).__name__} ({error}); define config classes where "
+                "the names in their annotations are importable (at module level)"
+            ) from None
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            try:
+                object.__setattr__(self, field.name, coerce(value, hints[field.name]))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{type(self).__name__}: option {field.name}={value!r}: {error}") from None
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
 
@@ -61,9 +150,9 @@ class BudgetConfig(MethodConfig):
             raise ValueError("give keep_ratio or keep_tokens, not both")
         if self.keep_ratio is None and self.keep_tokens is None:
             raise ValueError("give a budget: keep_ratio in (0, 1] or keep_tokens >= 1")
-        if self.keep_ratio is not None and not (0.0 < float(self.keep_ratio) <= 1.0):
+        if self.keep_ratio is not None and not (0.0 < self.keep_ratio <= 1.0):
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.keep_tokens is not None and (isinstance(self.keep_tokens, bool) or int(self.keep_tokens) < 1):
+        if self.keep_tokens is not None and self.keep_tokens < 1:
             raise ValueError(f"keep_tokens must be an integer >= 1, got {self.keep_tokens}")
 
     def num_keep(self, num_tokens: int) -> int:
@@ -74,7 +163,7 @@ class BudgetConfig(MethodConfig):
                     f"keep_tokens={self.keep_tokens} is larger than the {num_tokens} visual tokens per image; "
                     f"use keep_tokens <= {num_tokens} or keep_ratio"
                 )
-            return int(self.keep_tokens)
+            return self.keep_tokens
         return max(1, min(num_tokens, math.floor(self.keep_ratio * num_tokens + 0.5)))
 
 

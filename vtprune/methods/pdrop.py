@@ -98,8 +98,7 @@ class PDrop(InLLMMethod):
         if any(not 1 <= layer < num_layers for layer in layers) or any(a >= b for a, b in zip(layers, layers[1:])):
             raise ValueError(
                 f"pdrop: layers ({given}) resolve to {layers} for an LLM with {num_layers} decoder layers; cut layers "
-                f"must be strictly increasing and within 1..{num_layers - 1}. Pass layers explicitly, e.g. "
-                f"layers={[max(1, num_layers * i // 4) for i in (1, 2, 3)]}"
+                f"must be strictly increasing and within 1..{num_layers - 1}. {_layers_hint(len(layers), num_layers)}"
             )
         return [CutPoint(probe_layer=layer, cut_layer=layer) for layer in layers]
 
@@ -109,3 +108,18 @@ class PDrop(InLLMMethod):
     def keep_counts(self, cut_index: int, visual_in: torch.Tensor) -> torch.Tensor:
         ratio = float(self.config.lam) ** (cut_index + 1)
         return torch.floor(visual_in.double() * ratio).long()
+
+
+def _layers_hint(cuts: int, num_layers: int) -> str:
+    """A setting that fits: ``cuts`` (or as many as fit) cut layers spread evenly over the depth."""
+    if num_layers < 2:
+        return f"An LLM with {num_layers} decoder layer has no layer to cut before; pdrop needs at least 2"
+    fitting = min(cuts, num_layers - 1)  # cuts go before layers 1..num_layers-1
+    # i * L / (n + 1) steps by at least 1 when n < L, so the floors are distinct, increasing and in 1..L-1
+    layers = [i * num_layers // (fitting + 1) for i in range(1, fitting + 1)]
+    if fitting < cuts:
+        return (
+            f"The model is too shallow for {cuts} cuts: {num_layers} decoder layers fit at most {fitting}. "
+            f"Pass layers with at most {fitting} entries, e.g. layers={layers}"
+        )
+    return f"Pass layers explicitly, e.g. layers={layers}"
