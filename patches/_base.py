@@ -75,6 +75,24 @@ def scatter_kinds(inputs: PrefillInputs, keeps: dict, device) -> torch.Tensor:
     return keep[inputs.visual_mask.to(device)]
 
 
+def refuse_chunked_prefill(generate):
+    """``generate`` wrapped: chunked prefill (``prefill_chunk_size``) is refused before anything runs."""
+
+    @functools.wraps(generate)
+    def wrapper(*args, **kwargs):
+        config = kwargs.get("generation_config") or getattr(generate.__self__, "generation_config", None)
+        chunk = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+        if chunk is not None:
+            raise NotImplementedError(
+                f"vtprune prunes a prompt in one prefill; generate(prefill_chunk_size={chunk}) splits it into chunks "
+                "that reach the LLM one by one (an image's tokens across several, the images after text already "
+                "cached). Leave prefill_chunk_size unset (None) while the model is patched"
+            )
+        return generate(*args, **kwargs)
+
+    return wrapper
+
+
 class Adapter:
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
@@ -218,6 +236,8 @@ class Adapter:
         hooks.extend(self.stack.llm_hooks(self.language_model))
         if self.base is not self.model:
             hooks.extend(self.label_cut())
+        if callable(getattr(self.model, "generate", None)):
+            hooks.append(InstanceMethodPatch(self.model, "generate", refuse_chunked_prefill))
 
     def check_pre_llm(self, method) -> None:
         """Every refusal a pre-LLM method can get from this family, at patch time."""
