@@ -292,3 +292,11 @@ def test_the_readme_preset_line_is_the_form_that_works(model):
     text = README.read_text()
     assert 'vtprune.patch(model, "fastervlm-58")' in text and "presets.resolve" not in text
     vtprune.patch(model, "fastervlm-58", keep_tokens=4).remove()
+
+
+def test_the_readme_links_only_to_files_in_the_repository():
+    root = README.parent
+    targets = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README.read_text())
+    local = [target for target in targets if not target.startswith(("http://", "https://"))]
+    assert local and all((root / target).exists() for target in local), [t for t in local if not (root / t).exists()]
+    assert "shared/" not in README.read_text()
