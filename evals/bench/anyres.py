@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from vtprune.evals.bench.llava15 import run_cli, time_configs
+from vtprune.evals.bench.llava15 import add_speedups, run_cli, speedup_table, time_configs
 from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, llava_next_shaped
 from vtprune.patches.llava_next import LlavaNextAdapter
 
@@ -50,11 +50,7 @@ def run(repeats: int, text_tokens: int, device: str) -> dict:
     model = llava_next_shaped("realistic").to(device)
     inputs = anyres_inputs(model, text_tokens, device)
     rows = time_configs(model, inputs, anyres_configs(), repeats)
-    base = rows[0]
-    for row in rows:
-        row["flops_ideal_speedup"] = base["llm_flops"] / row["llm_flops"]
-        row["measured_speedup"] = base["llm_prefill_s"] / row["llm_prefill_s"]
-        row["efficiency"] = row["measured_speedup"] / row["flops_ideal_speedup"]
+    add_speedups(rows)
     return {
         "model": "LLaVA-NeXT-shaped: CLIP ViT-L/14-336 + Llama 24x1024 (~0.5B), AnyRes 672x672 = 5 sub-images",
         "device": device,
@@ -66,18 +62,7 @@ def run(repeats: int, text_tokens: int, device: str) -> dict:
 
 
 def format_table(result: dict) -> str:
-    lines = [
-        "| config | image tokens kept (incl. newlines) | LLM TFLOPs | LLM prefill ms | whole prefill ms "
-        "| FLOPs-ideal speedup | measured speedup | measured / ideal |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        lines.append(
-            f"| {row['config']} | {row['visual_tokens']} | {row['llm_flops'] / 1e12:.3f} | "
-            f"{row['llm_prefill_s'] * 1e3:.0f} | {row['prefill_s'] * 1e3:.0f} | {row['flops_ideal_speedup']:.2f}x | "
-            f"{row['measured_speedup']:.2f}x | {row['efficiency']:.2f} |"
-        )
-    return "\n".join(lines)
+    return speedup_table("image tokens kept (incl. newlines)").markdown(result["rows"])
 
 
 def main(argv=None) -> int:

@@ -44,6 +44,7 @@ from vtprune.engine.flops import decoder_layer_flops, llm_prefill_flops
 from vtprune.engine.probe import cls_attention_row
 from vtprune.engine.sequence import plan_cut
 from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, build_llava, llava15_shaped_config
+from vtprune.evals.sweep.report import Column, Table
 from vtprune.methods.base import top_k_sorted
 from vtprune.patches.llava import LlavaAdapter
 
@@ -442,11 +443,7 @@ def run(repeats: int, text_tokens: int, device: str) -> dict:
     rows = time_configs(model, inputs, CONFIGS, repeats)
     measure_memory(model, inputs, CONFIGS, rows)
     head_to_head = fastv_head_to_head(model, inputs, repeats=max(2 * repeats, 10))
-    base = rows[0]
-    for row in rows:
-        row["flops_ideal_speedup"] = base["llm_flops"] / row["llm_flops"]
-        row["measured_speedup"] = base["llm_prefill_s"] / row["llm_prefill_s"]
-        row["efficiency"] = row["measured_speedup"] / row["flops_ideal_speedup"]
+    base = add_speedups(rows)
     scoring = time_scoring(model, inputs, keep_ratio=0.25)
     scoring["overhead_pct_of_unpruned_llm_prefill"] = (
         100 * (scoring["score_select_s"] + scoring["cut_s"]) / base["llm_prefill_s"]
@@ -477,50 +474,88 @@ def _run_lengths(counts: list[int]) -> str:
     return ", ".join(parts)
 
 
+def add_speedups(rows: list[dict]) -> dict:
+    """Each row's FLOPs-ideal and measured LLM prefill speedup over the first row (the unpruned model),
+    and measured / ideal (``efficiency``); returns the first row."""
+    base = rows[0]
+    for row in rows:
+        row["flops_ideal_speedup"] = base["llm_flops"] / row["llm_flops"]
+        row["measured_speedup"] = base["llm_prefill_s"] / row["llm_prefill_s"]
+        row["efficiency"] = row["measured_speedup"] / row["flops_ideal_speedup"]
+    return base
+
+
+# the columns of every benchmark's speedup table
+CONFIG = Column("config", lambda row: row["config"])
+LLM_TFLOPS = Column("LLM TFLOPs", lambda row: f"{row['llm_flops'] / 1e12:.3f}")
+LLM_PREFILL_MS = Column("LLM prefill ms", lambda row: f"{row['llm_prefill_s'] * 1e3:.0f}")
+WHOLE_PREFILL_MS = Column("whole prefill ms", lambda row: f"{row['prefill_s'] * 1e3:.0f}")
+SPEEDUPS = (
+    Column("FLOPs-ideal speedup", lambda row: f"{row['flops_ideal_speedup']:.2f}x"),
+    Column("measured speedup", lambda row: f"{row['measured_speedup']:.2f}x"),
+    Column("measured / ideal", lambda row: f"{row['efficiency']:.2f}"),
+)
+
+
+def speedup_table(tokens_header: str) -> Table:
+    """config, visual tokens, LLM TFLOPs, LLM and whole prefill ms, the speedups."""
+    tokens = Column(tokens_header, lambda row: str(row["visual_tokens"]))
+    return Table((CONFIG, tokens, LLM_TFLOPS, LLM_PREFILL_MS, WHOLE_PREFILL_MS, *SPEEDUPS))
+
+
+def _megabytes(value, digits: int = 0, missing: str = "n/a") -> str:
+    return missing if value is None else f"{value / 2**20:.{digits}f}"
+
+
+MEMORY_TABLE = Table(
+    (
+        CONFIG,
+        Column("tokens per decoder layer", lambda row: _run_lengths(row["layer_tokens"])),
+        Column(
+            "KV cache MB (record / measured)",
+            lambda row: (
+                f"{_megabytes(row['kv_cache_bytes'], 1)} / "
+                f"{_megabytes(row.get('kv_cache_bytes_measured'), 1, 'n/a (no cache)')}"
+            ),
+        ),
+        Column("peak memory of a prefill MB", lambda row: _megabytes(row.get("peak_memory_bytes"))),
+    )
+)
+
+
+def _median_min(row: dict, who: str) -> str:
+    return f"{row[f'{who}_llm_prefill_s_median'] * 1e3:.0f} ({row[f'{who}_llm_prefill_s_min'] * 1e3:.0f})"
+
+
+def _faster_by(row: dict) -> str:
+    median = row["official_llm_prefill_s_median"] / row["vtprune_llm_prefill_s_median"]
+    low = row["official_llm_prefill_s_min"] / row["vtprune_llm_prefill_s_min"]
+    return f"{median:.2f}x / {low:.2f}x"
+
+
+HEAD_TO_HEAD_TABLE = Table(
+    (
+        Column("R", lambda row: str(row["ratio"])),
+        Column("vtprune ms", lambda row: _median_min(row, "vtprune")),
+        Column("official-style ms", lambda row: _median_min(row, "official")),
+        Column("vtprune faster by (median / min)", _faster_by),
+        Column("peak MB vtprune", lambda row: _megabytes(row["vtprune_llm_peak_memory_bytes"])),
+        Column("peak MB official-style", lambda row: _megabytes(row["official_llm_peak_memory_bytes"])),
+    )
+)
+
+
 def format_table(result: dict) -> str:
     lines = [
-        "| config | visual tokens | LLM TFLOPs | LLM prefill ms | whole prefill ms | FLOPs-ideal speedup "
-        "| measured speedup | measured / ideal |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        lines.append(
-            f"| {row['config']} | {row['visual_tokens']} | {row['llm_flops'] / 1e12:.3f} | "
-            f"{row['llm_prefill_s'] * 1e3:.0f} | {row['prefill_s'] * 1e3:.0f} | {row['flops_ideal_speedup']:.2f}x | "
-            f"{row['measured_speedup']:.2f}x | {row['efficiency']:.2f} |"
-        )
-    lines += [
+        speedup_table("visual tokens").markdown(result["rows"]),
         "",
-        "| config | tokens per decoder layer | KV cache MB (record / measured) | peak memory of a prefill MB |",
-        "|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        measured = row.get("kv_cache_bytes_measured")
-        peak = row.get("peak_memory_bytes")
-        lines.append(
-            f"| {row['config']} | {_run_lengths(row['layer_tokens'])} | {row['kv_cache_bytes'] / 2**20:.1f} / "
-            f"{'n/a (no cache)' if measured is None else f'{measured / 2**20:.1f}'} | "
-            f"{'n/a' if peak is None else f'{peak / 2**20:.0f}'} |"
-        )
-    lines += [
+        MEMORY_TABLE.markdown(result["rows"]),
         "",
         "FastV k=2, LLM prefill on the same image features: vtprune (SDPA, attention-row probe) against the "
         "official-style run (eager LLM, full attention map of layer k-1), median (min) of alternating runs:",
         "",
-        "| R | vtprune ms | official-style ms | vtprune faster by (median / min) | peak MB vtprune "
-        "| peak MB official-style |",
-        "|---|---|---|---|---|---|",
+        HEAD_TO_HEAD_TABLE.markdown(result["fastv_head_to_head"]),
     ]
-    for row in result["fastv_head_to_head"]:
-        ours_med, ours_min = row["vtprune_llm_prefill_s_median"], row["vtprune_llm_prefill_s_min"]
-        off_med, off_min = row["official_llm_prefill_s_median"], row["official_llm_prefill_s_min"]
-        peaks = [row["vtprune_llm_peak_memory_bytes"], row["official_llm_peak_memory_bytes"]]
-        peak_text = " | ".join("n/a" if p is None else f"{p / 2**20:.0f}" for p in peaks)
-        lines.append(
-            f"| {row['ratio']} | {ours_med * 1e3:.0f} ({ours_min * 1e3:.0f}) | "
-            f"{off_med * 1e3:.0f} ({off_min * 1e3:.0f}) | {off_med / ours_med:.2f}x / {off_min / ours_min:.2f}x | "
-            f"{peak_text} |"
-        )
     scoring = result["scoring"]
     lines.append(
         f"\nScoring + selection (keep 0.25): {scoring['score_select_s'] * 1e3:.2f} ms, sequence cut "

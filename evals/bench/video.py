@@ -24,9 +24,21 @@ import statistics
 
 import torch
 
-from vtprune.evals.bench.llava15 import StopWatch, clock, run_cli, time_configs
+from vtprune.evals.bench.llava15 import (
+    CONFIG,
+    LLM_PREFILL_MS,
+    LLM_TFLOPS,
+    SPEEDUPS,
+    WHOLE_PREFILL_MS,
+    StopWatch,
+    add_speedups,
+    clock,
+    run_cli,
+    time_configs,
+)
 from vtprune.evals.models.processors import build_onevision_processor
 from vtprune.evals.models.transformers_vlms import llava_onevision_shaped
+from vtprune.evals.sweep.report import Column, Table
 from vtprune.methods import quota
 
 FRAMES = 32
@@ -100,11 +112,8 @@ def measure(model, processor, inputs, frames: int, repeats: int, ratios=RATIOS) 
     """Rows of :func:`vtprune.evals.bench.time_configs`, with speedups, per-frame tokens and scorer costs."""
     configs, scorers = video_configs(model, processor, frames, ratios)
     rows = time_configs(model, inputs, configs, repeats)
-    base = rows[0]
+    base = add_speedups(rows)
     for row in rows:
-        row["flops_ideal_speedup"] = base["llm_flops"] / row["llm_flops"]
-        row["measured_speedup"] = base["llm_prefill_s"] / row["llm_prefill_s"]
-        row["efficiency"] = row["measured_speedup"] / row["flops_ideal_speedup"]
         grids = row.get("extra", {}).get("frame_grids")
         row["frame_tokens_kept"] = (
             [grid[0] * grid[1] if grid else 0 for grid in grids[0]]  # quota: its resized grids
@@ -146,24 +155,28 @@ def _range(values) -> str:
     return f"{low}" if low == high else f"{low}-{high}"
 
 
+def _scorer_cell(row: dict) -> str:
+    if "scorer_s" not in row:
+        return "-"
+    return f"{row['scorer_s'] * 1e3:.0f} ({row['scorer_pct_of_unpruned_llm_prefill']:.0f}%)"
+
+
+VIDEO_TABLE = Table(
+    (
+        CONFIG,
+        Column("visual tokens kept (incl. newline)", lambda row: str(row["visual_tokens"])),
+        Column("tokens per frame", lambda row: _range(row["frame_tokens_kept"])),
+        LLM_TFLOPS,
+        LLM_PREFILL_MS,
+        *SPEEDUPS,
+        WHOLE_PREFILL_MS,
+        Column("scorer ms (% of unpruned LLM prefill)", _scorer_cell),
+    )
+)
+
+
 def format_table(result: dict) -> str:
-    lines = [
-        "| config | visual tokens kept (incl. newline) | tokens per frame | LLM TFLOPs | LLM prefill ms "
-        "| FLOPs-ideal speedup | measured speedup | measured / ideal | whole prefill ms | scorer ms (% of unpruned "
-        "LLM prefill) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        scorer = (
-            f"{row['scorer_s'] * 1e3:.0f} ({row['scorer_pct_of_unpruned_llm_prefill']:.0f}%)"
-            if "scorer_s" in row
-            else "-"
-        )
-        lines.append(
-            f"| {row['config']} | {row['visual_tokens']} | {_range(row['frame_tokens_kept'])} | "
-            f"{row['llm_flops'] / 1e12:.3f} | {row['llm_prefill_s'] * 1e3:.0f} | {row['flops_ideal_speedup']:.2f}x | "
-            f"{row['measured_speedup']:.2f}x | {row['efficiency']:.2f} | {row['prefill_s'] * 1e3:.0f} | {scorer} |"
-        )
+    lines = [VIDEO_TABLE.markdown(result["rows"])]
     lines += ["", "quota's self-scorer (one forward of the patched model per frame, as a one-frame video):", ""]
     for row in result["rows"]:
         if "scorer_s" not in row:
