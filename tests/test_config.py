@@ -23,6 +23,7 @@ class ThresholdConfig(MethodConfig):
 
     threshold: float = 0.5
     rounds: int = 1
+    grid: tuple[int, int] = (1, 1)
 
 
 def minimal_options(config_class) -> dict:
@@ -88,11 +89,12 @@ def test_the_typed_field_cases_cover_the_methods_numeric_options():
 
 
 def test_a_user_config_is_coerced_and_checked_without_code_of_its_own():
-    config = ThresholdConfig(threshold="0.25", rounds="3")
-    assert (config.threshold, config.rounds) == (0.25, 3)
+    config = ThresholdConfig(threshold="0.25", rounds="3", grid="2;3")
+    assert (config.threshold, config.rounds, config.grid) == (0.25, 3, (2, 3))
+    assert ThresholdConfig(grid=[4.0, "5"]).grid == (4, 5)
     with pytest.raises(ValueError, match="ThresholdConfig: option rounds=1.5: expected an integer"):
         ThresholdConfig(rounds=1.5)
-    with pytest.raises(TypeError, match="valid options: positions, threshold, rounds"):
+    with pytest.raises(TypeError, match="valid options: positions, threshold, rounds, grid"):
         ThresholdConfig(treshold=0.1)
 
 

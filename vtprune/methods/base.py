@@ -50,7 +50,7 @@ def coerce(value, annotation):
             value = [part for part in value.replace(",", ";").split(";") if part.strip()]
         elif not isinstance(value, (list, tuple)):
             value = [value]
-        return [coerce(part, item) for part in value]
+        return origin(coerce(part, item) for part in value)
     if annotation is bool:
         if isinstance(value, str):
             lowered = value.strip().lower()
