@@ -123,11 +123,11 @@ class InLLMStage:
 
     @staticmethod
     def cut_labels(prompt: PrunedPromptStages, labels: torch.Tensor) -> torch.Tensor:
-        """Cut (B, L) labels given in the LLM's input columns like the prefill; -100 on padding."""
+        """Cut (B, L) labels given in the LLM's input columns like the prefill (:meth:`SequenceCut.gather_labels`)."""
         if labels.shape[1] != prompt.input_length:
             return labels
         for stage in prompt.stages[1:]:
-            labels = stage.cut.gather(labels, fill=-100)
+            labels = stage.cut.gather_labels(labels)
         return labels
 
     def finish_prefill(self, forward: _Forward) -> tuple[PrunedPromptStages, LLMPrefillResult]:

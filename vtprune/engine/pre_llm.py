@@ -140,10 +140,10 @@ class PreLLMStage:
 
     @staticmethod
     def cut_labels(prompt: PrunedPrompt, labels: torch.Tensor) -> torch.Tensor:
-        """Cut (B, L) labels like the prompt; -100 on added padding."""
+        """Cut (B, L) labels like the prompt (:meth:`SequenceCut.gather_labels`)."""
         if labels.shape[1] != prompt.original_length:
             return labels
-        return prompt.cut.gather(labels, fill=-100)
+        return prompt.cut.gather_labels(labels)
 
     @staticmethod
     def map_columns(prompt: PrunedPrompt, values: torch.Tensor, fill: int = -1) -> torch.Tensor:

@@ -38,6 +38,14 @@ class SequenceCut:
         valid = self.valid.view(*self.valid.shape, *([1] * (values.dim() - 2)))
         return torch.where(valid, gathered, torch.as_tensor(fill, dtype=values.dtype, device=values.device))
 
+    def gather_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Cut (B, L) labels: -100 on added padding and on the label of column 0.
+
+        Column 0's label is never a loss term (no column predicts it); a sample re-aligned behind
+        added padding would otherwise have it scored as predicted from a padding column.
+        """
+        return self.gather(labels, fill=-100).masked_fill(self.source == 0, -100)
+
 
 def plan_cut(keep: torch.Tensor) -> SequenceCut:
     """(B, L) bool -> :class:`SequenceCut`. Reads one scalar (the new length) on the host."""
