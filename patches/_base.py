@@ -34,6 +34,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from vtprune.engine.generation import placeholder_columns
 from vtprune.engine.in_llm import InLLMStage
 from vtprune.engine.pre_llm import PreLLMStage
 from vtprune.engine.probe import cls_attention_row, received_attention
@@ -293,7 +294,8 @@ class Adapter:
                 if kind in raw or kind in pre_encoded
             }
             visual_mask = functools.reduce(torch.logical_or, kinds.values())
-            stack.start_prefill(PrefillInputs(visual_mask, kinds, encoded=pre_encoded))
+            columns = {kind: placeholder_columns(encoded[kind]) for kind in pre_encoded}
+            stack.start_prefill(PrefillInputs(visual_mask, kinds, encoded=pre_encoded, encoded_columns=columns))
             return None
 
         return [self.base.register_forward_pre_hook(trigger, with_kwargs=True)]
@@ -320,6 +322,7 @@ class Adapter:
                 stack.take_scores()  # this call's probes only
                 output = get_features(*args, **kwargs)
                 visual = self.visual_inputs(kind, call_arguments(signature, args, kwargs), stack.take_scores())
+                visual.columns = placeholder_columns(output)
                 stack.add_visual(kind, visual)
                 return output
 

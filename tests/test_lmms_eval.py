@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 import pytest
+import torch
 from eval_helpers import TOKENS_PER_IMAGE, run_lmms_eval, save_tiny_llava
 
 import vtprune
@@ -254,3 +255,23 @@ def test_lmms_eval_runs_quota_with_the_model_scoring_its_own_images(tmp_path):
     for sample in samples:  # one image = one frame: its 4 x 4 base view gets T = 8 -> a 3 x 2 grid, crops dropped
         assert sample["visual_tokens_kept"] == 6 and sample["visual_tokens_in"] > 16
         assert sample["scoring_s"] > 0
+
+
+def test_the_generation_probe_times_a_patched_generate_and_leaves_the_model_as_loaded():
+    from vtprune.evals.lmms.measure import GenerationProbe
+    from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, prompt_ids, tiny_llava
+
+    model = tiny_llava()
+    probe = GenerationProbe(model, IMAGE_TOKEN_ID)
+    probe.detach()  # vtprune wraps generate on the instance as well: it patches a probe-free model
+    handle = vtprune.patch(model, "fastervlm", keep_ratio=0.5)
+    probe.attach()
+    inputs = {"input_ids": prompt_ids([3, 4])[None], "pixel_values": torch.randn(1, 3, 32, 32)}
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    calls, error = probe.take()
+    assert error is None and len(calls) == 1
+    assert calls[0].visual_tokens == [TOKENS_PER_IMAGE] and handle.last.visual_tokens_kept == [TOKENS_PER_IMAGE // 2]
+    probe.detach()
+    handle.remove()
+    probe.close()
+    assert "generate" not in vars(model)  # neither the probe's wrapper nor vtprune's is left on the instance

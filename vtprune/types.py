@@ -85,6 +85,7 @@ class VisualInputs:
     grids: list | None = None
     frames: tuple[int, int] | None = None
     spliced: torch.Tensor | None = None
+    columns: int | None = None  # prompt columns the encoder output fills (what generate's expansion repeats)
 
 
 @dataclass
@@ -102,6 +103,8 @@ class PrefillInputs:
     kinds: dict
     visual: dict = field(default_factory=dict)
     encoded: tuple = ()
+    encoded_columns: dict = field(default_factory=dict)  # kind -> prompt columns its pre-encoded features fill
+    expand: int = 1  # generate repeated every row this many times (beams, num_return_sequences)
     inputs_embeds: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
 

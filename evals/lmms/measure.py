@@ -60,10 +60,26 @@ class GenerationProbe:
         self.calls: list[GenerateCall] = []
         self.error: BaseException | None = None
         self.keep_pixels = False  # keep each call's pixel_values (to draw kept patches)
-        self._original = model.generate
         self._current: GenerateCall | None = None
         self._hook = model.register_forward_hook(self._on_forward)
-        model.generate = self._generate
+        self._wrapper = self._generate  # one bound method, so that detach() finds its own
+        self._found = None  # the instance's own ``generate`` that attach() replaced (None: the class's)
+        self.attach()
+
+    def attach(self) -> None:
+        """Time ``model.generate`` as it is now (with vtprune's wrapper of it while the model is patched)."""
+        self._found = vars(self.model).get("generate")
+        self._original = self.model.generate
+        self.model.generate = self._wrapper
+
+    def detach(self) -> None:
+        """Give back the ``generate`` that attach() found: vtprune patches and unpatches the instance without it."""
+        if vars(self.model).get("generate") is not self._wrapper:
+            return
+        if self._found is None:
+            del self.model.generate
+        else:
+            self.model.generate = self._found
 
     def _generate(self, *args, **kwargs):
         call = GenerateCall(start=time.perf_counter())
@@ -108,8 +124,7 @@ class GenerationProbe:
 
     def close(self) -> None:
         self._hook.remove()
-        if self.model.__dict__.get("generate") is self._generate:
-            del self.model.generate
+        self.detach()
 
 
 # -- peak memory -------------------------------------------------------------------------------

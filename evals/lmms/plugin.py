@@ -278,20 +278,28 @@ class VTPruneLMM(lmms):
 
     # -- configuration ----------------------------------------------------------------------------
     def configure(self, method: str | None, options: dict | None = None) -> None:
-        """Switch pruning: remove the current patch, apply ``method`` (None: no pruning)."""
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-        self._remove_runtime_patches()
-        self.records, self.examples = [], []
-        self.method, self.options = method, dict(options or {})
-        if method is not None:
-            import vtprune
+        """Switch pruning: remove the current patch, apply ``method`` (None: no pruning).
 
-            self.handle = vtprune.patch(self.hf_model, method, **self._model_defaults(method, self.options))
-        else:
-            self._runtime = _runtime_patches(self.hf_model)
-        self.label = ModelArgs(self.args.base, {}, method, self.options).label
+        The probe steps aside meanwhile (vtprune wraps ``generate`` on the instance too) and then
+        times ``generate`` from outside the patch.
+        """
+        self.probe.detach()
+        try:
+            if self.handle is not None:
+                self.handle.remove()
+                self.handle = None
+            self._remove_runtime_patches()
+            self.records, self.examples = [], []
+            self.method, self.options = method, dict(options or {})
+            if method is not None:
+                import vtprune
+
+                self.handle = vtprune.patch(self.hf_model, method, **self._model_defaults(method, self.options))
+            else:
+                self._runtime = _runtime_patches(self.hf_model)
+            self.label = ModelArgs(self.args.base, {}, method, self.options).label
+        finally:
+            self.probe.attach()
 
     def _model_defaults(self, method: str, options: dict) -> dict:
         """A query-aware method (quota) scores with the wrapped model: give it the base's processor."""
@@ -314,14 +322,14 @@ class VTPruneLMM(lmms):
         self._runtime = []
 
     def close(self) -> None:
-        """Remove the patch and the measurement hooks; the base model is as loaded."""
+        """Remove the measurement hooks and the patch; the base model is as loaded."""
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
         self._remove_runtime_patches()
-        if self.probe is not None:
-            self.probe.close()
-            self.probe = None
 
     def __getattr__(self, name):
         # everything else (tokenizer, model, device, accelerator, chat_template...) is the base's

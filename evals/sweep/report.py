@@ -77,6 +77,7 @@ class Table:
     message_at: int | None = None
 
     def cells(self, row: dict) -> list[str]:
+        """The row's cell per column."""
         note = message(row)
         if note is None or self.message_at is None:
             return [column.cell(row) for column in self.columns]
@@ -99,8 +100,8 @@ class Table:
         cells = self.cells(row)
         if message(row) is None or self.message_at is None:
             return self._text_line(cells)
-        kept = [(c, cell) for c, cell in zip(self.columns[: self.message_at], cells) if cell]
-        return " ".join([*(f"{cell:{c.align}{c.width}}" for c, cell in kept), cells[self.message_at]])
+        shown = [(c, cell) for c, cell in zip(self.columns, cells[: self.message_at]) if cell]  # before the message
+        return " ".join([*(f"{cell:{c.align}{c.width}}" for c, cell in shown), cells[self.message_at]])
 
     @staticmethod
     def _markdown_line(cells: list[str]) -> str:
@@ -110,7 +111,7 @@ class Table:
         return " ".join(f"{cell:{c.align}{c.width}}" for c, cell in zip(self.columns, cells))
 
 
-def fmt(value, digits: int = 1) -> str:
+def _fmt(value, digits: int = 1) -> str:
     """A figure for a table: ``-`` for a missing one, floats to ``digits`` decimals."""
     if value is None:
         return "-"
@@ -119,19 +120,24 @@ def fmt(value, digits: int = 1) -> str:
     return str(value)
 
 
+def _tokens_cell(row: dict) -> str:
+    return f"{_fmt(row['visual_tokens_kept'])} / {_fmt(row['visual_tokens_in'])}"
+
+
+def _flops_cell(row: dict) -> str:
+    return f"{_fmt(row['prefill_gflops'], 3)} / {_fmt(row['prefill_gflops_unpruned'], 3)}"
+
+
 REPORT_TABLE = Table(
     (
         Column("config", lambda row: row["config"]),
         Column("task", lambda row: row["task"]),
-        Column("accuracy", lambda row: fmt(row["accuracy"], 4)),
-        Column("visual tokens kept", lambda row: f"{fmt(row['visual_tokens_kept'])} / {fmt(row['visual_tokens_in'])}"),
-        Column(
-            "prefill GFLOPs",
-            lambda row: f"{fmt(row['prefill_gflops'], 3)} / {fmt(row['prefill_gflops_unpruned'], 3)}",
-        ),
-        Column("TTFT ms", lambda row: fmt(row["ttft_ms"])),
-        Column("decode tok/s", lambda row: fmt(row["decode_tokens_per_s"])),
-        Column("peak mem MB", lambda row: fmt(row["peak_memory_mb"], 0)),
+        Column("accuracy", lambda row: _fmt(row["accuracy"], 4)),
+        Column("visual tokens kept", _tokens_cell),
+        Column("prefill GFLOPs", _flops_cell),
+        Column("TTFT ms", lambda row: _fmt(row["ttft_ms"])),
+        Column("decode tok/s", lambda row: _fmt(row["decode_tokens_per_s"])),
+        Column("peak mem MB", lambda row: _fmt(row["peak_memory_mb"], 0)),
     )
 )
 

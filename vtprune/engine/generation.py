@@ -6,16 +6,23 @@
    ``prepare_inputs_for_generation`` and, on the first iteration over a cache vtprune pruned,
    moves the slice by the tokens the cut removed (the unpruned model's rule: every token the
    cache stands for is consumed once).
-2. Expansion (beam search, ``num_return_sequences``): ``generate`` encodes the images once and
-   repeats each sample's group of encoded images for its expanded rows ([A, B] -> [A, B, A, B],
-   ``GenerationMixin._expand_multimodal_outputs``). :func:`expanded_image_index` says, for each
-   image of the expanded prefill, which encoded image it repeats, so per-image facts gathered
-   when the images were encoded (scores, packing maps, grids) follow the same rule.
+2. Expansion (beam search, ``num_return_sequences``): ``generate`` encodes the images once, then
+   repeats every row ``E`` times (``repeat_interleave``) and each sample's group of encoded
+   images with it ([A, B] -> [A, B, A, B], ``GenerationMixin._expand_multimodal_outputs``).
+   What the vision side told the stack describes the unexpanded batch, so the selector runs on
+   the rows ``::E`` (:func:`unexpanded`) and its answer is repeated for every expanded row
+   (:func:`expand_selection`): each beam and return sequence keeps its sample's tokens. ``E`` is
+   read off the shapes of the encoder outputs (:func:`placeholder_columns`), with no host sync.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+
+import torch
+
+from vtprune.types import PrefillInputs, TokenSelection
 
 
 def continued_cache_patch(model, removed_tokens: Callable[[object], int]):
@@ -45,32 +52,73 @@ def continued_cache_patch(model, removed_tokens: Callable[[object], int]):
     return InstanceMethodPatch(model, "prepare_inputs_for_generation", make_wrapper)
 
 
-def expanded_image_index(row_image_tokens: list[int], encoded_image_tokens: list[int]) -> list[int]:
-    """For each image of an expanded prefill (in order), the index of the encoded image it repeats.
+def placeholder_columns(encoder_output) -> int:
+    """Prompt columns an encoder output fills: its ``pooler_output`` rows (a (n, T, D) or (T, D)
+    tensor, or a list of (T_i, D) tensors), from shapes only."""
+    features = encoder_output.pooler_output
+    if isinstance(features, torch.Tensor):
+        return features.shape[0] * features.shape[1] if features.dim() == 3 else features.shape[0]
+    return sum(feature.shape[0] for feature in features)
 
-    row_image_tokens: image placeholder columns per row of the prefill (B * E rows, each sample's
-    E expanded rows consecutive, as ``repeat_interleave`` leaves them); encoded_image_tokens:
-    placeholder columns of each encoded image (n images, in the unexpanded order). With E = 1
-    this is ``range(n)``.
+
+def expansion(inputs: PrefillInputs) -> int:
+    """How many times ``generate`` repeated each row of this prefill (1: not expanded)."""
+    factors = set()
+    for kind, columns in inputs.encoded_columns.items():
+        visual = inputs.visual.get(kind)
+        encoded = visual.columns if visual is not None else None
+        if encoded is None:  # no pre-LLM stage asked for it: nothing to expand
+            continue
+        if encoded == 0 or columns % encoded:
+            raise ValueError(
+                f"this prefill splices {columns} {kind} feature columns, but the encoding vtprune saw filled "
+                f"{encoded}; encode the {kind}s of this very batch"
+            )
+        factors.add(columns // encoded)
+    if len(factors) > 1:
+        raise ValueError(f"the visual inputs of this prefill were expanded by different factors {sorted(factors)}")
+    return factors.pop() if factors else 1
+
+
+def unexpanded(inputs: PrefillInputs, expand: int) -> PrefillInputs:
+    """The prefill as it was before ``generate`` repeated each row ``expand`` times."""
+    rows = slice(None, None, expand)
+    positions = inputs.position_ids
+    return dataclasses.replace(
+        inputs,
+        visual_mask=inputs.visual_mask[rows],
+        kinds={kind: mask[rows] for kind, mask in inputs.kinds.items()},
+        inputs_embeds=inputs.inputs_embeds[rows] if inputs.inputs_embeds is not None else None,
+        position_ids=positions[..., rows, :] if positions is not None else None,
+        encoded_columns={},
+    )
+
+
+def expand_selection(selection, source_mask: torch.Tensor, expand: int):
+    """A selector's answer on the unexpanded rows -> the same answer on every expanded row.
+
+    source_mask: (B, L) bool, the visual columns of the unexpanded rows; a keep (or replace)
+    mask is flat over them in (row, column) order, and so is the answer returned.
     """
-    expected = sum(row_image_tokens)
-    encoded = sum(encoded_image_tokens)
-    if encoded == 0 or expected % encoded:
-        raise ValueError(
-            f"the prompt has {expected} image placeholders but the encoded images fill {encoded}; "
-            "encode the images of this very batch"
-        )
-    expand = expected // encoded
-    index, next_image = [], 0
-    for sample in range(len(row_image_tokens) // expand):
-        want, group = row_image_tokens[sample * expand], []
-        while want > 0:
-            if next_image >= len(encoded_image_tokens):
-                raise ValueError("the prompt's image placeholders do not line up with the encoded images")
-            group.append(next_image)
-            want -= encoded_image_tokens[next_image]
-            next_image += 1
-        if want:
-            raise ValueError("the prompt's image placeholders do not line up with the encoded images")
-        index.extend(group * expand)
-    return index
+    if selection is None:
+        return None
+    if not isinstance(selection, TokenSelection):
+        return _repeat_rows(selection, source_mask, expand)
+    if selection.keep is None:
+        return selection
+    repeated = dataclasses.replace(selection, keep=_repeat_rows(selection.keep, source_mask, expand))
+    if selection.replace is not None:
+        rank = selection.replace.long().cumsum(dim=0) - 1  # each replaced column's row in values / positions
+        repeated.replace = _repeat_rows(selection.replace, source_mask, expand)
+        index = _repeat_rows(rank, source_mask, expand)[repeated.replace]
+        repeated.values = selection.values[index] if selection.values is not None else None
+        repeated.positions = selection.positions[:, index] if selection.positions is not None else None
+    return repeated
+
+
+def _repeat_rows(flat: torch.Tensor, source_mask: torch.Tensor, expand: int) -> torch.Tensor:
+    """(n,) values over the visual columns of ``source_mask`` -> the same over its rows repeated."""
+    grid = torch.zeros(source_mask.shape, dtype=flat.dtype, device=flat.device)
+    grid = grid.masked_scatter(source_mask.to(flat.device), flat)
+    expanded_mask = source_mask.repeat_interleave(expand, dim=0).to(flat.device)
+    return grid.repeat_interleave(expand, dim=0)[expanded_mask]

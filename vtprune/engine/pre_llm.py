@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vtprune.engine.generation import expand_selection, unexpanded
 from vtprune.engine.positions import check_positions, cut_positions, expand_positions
 from vtprune.engine.prompt import decode_step, padding_mask
 from vtprune.engine.sequence import SequenceCut, plan_cut
@@ -96,7 +97,11 @@ class PreLLMStage:
         mask = kwargs.get("attention_mask")
         positions = kwargs.get("position_ids")
         inputs.inputs_embeds, inputs.position_ids = embeds, positions
-        selection = self.select(inputs, embeds.device)
+        if inputs.expand > 1:  # beams / return sequences: select on the rows as encoded, repeat per row
+            source = unexpanded(inputs, inputs.expand)
+            selection = expand_selection(self.select(source, embeds.device), source.visual_mask, inputs.expand)
+        else:
+            selection = self.select(inputs, embeds.device)
         inputs.inputs_embeds = inputs.position_ids = None
         if not isinstance(selection, TokenSelection):
             selection = TokenSelection(selection)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vtprune.engine.generation import expansion
 from vtprune.engine.in_llm import LLMPrefillResult, PrunedPromptStages
 from vtprune.engine.pre_llm import PrefillResult, PrunedPrompt, visual_index
 from vtprune.engine.prompt import check_prefill_cache
@@ -170,6 +171,7 @@ class StageStack:
                 "runs the prefill (generate() does), or pass the pixels"
             )
         inputs.visual = {kind: state.visual[kind] for kind in inputs.kinds if kind in state.visual}
+        inputs.expand = expansion(inputs)
         prompt = _Prompt(cache)
         new_kwargs = kwargs
         if self.pre is not None:
