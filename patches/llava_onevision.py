@@ -76,9 +76,6 @@ class LlavaOnevisionAdapter(Adapter):
                 f"has no [CLS] token; every patch is a visual token), got {self.select_strategy!r}"
             )
 
-    def budget_layout(self) -> VisualLayout:
-        return self.layout()
-
     # -- what an encoder call tells the selector --------------------------------------------------
     def visual_inputs(self, kind, arguments, scores) -> VisualInputs:
         if kind == "image":
