@@ -34,7 +34,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from vtprune.engine.generation import placeholder_columns
+from vtprune.engine.generation import continued_cache_patch, placeholder_columns
 from vtprune.engine.in_llm import InLLMStage
 from vtprune.engine.pre_llm import PreLLMStage
 from vtprune.engine.probe import cls_attention_row, received_attention
@@ -239,6 +239,7 @@ class Adapter:
             hooks.extend(self.label_cut())
         if callable(getattr(self.model, "generate", None)):
             hooks.append(InstanceMethodPatch(self.model, "generate", refuse_chunked_prefill))
+            hooks.append(continued_cache_patch(self.model, self.stack.removed_tokens))
 
     def check_pre_llm(self, method) -> None:
         """Every refusal a pre-LLM method can get from this family, at patch time."""

@@ -157,9 +157,10 @@ def test_beam_search_on_packed_families(family):
 @pytest.mark.parametrize(
     "spec",
     [
-        pytest.param("fastervlm:keep_tokens=4", marks=PENDING),
+        "fastervlm:keep_tokens=4",
         "fastv:k=1,keep_tokens=4",
-        pytest.param("uniform:keep_tokens=6", marks=PENDING),
+        "uniform:keep_tokens=6",
+        "fastervlm:keep_tokens=4+pdrop:layers=1,lam=0.5",
     ],
 )
 def test_second_generate_continues_a_returned_cache(llava, spec):
@@ -269,3 +270,17 @@ def test_call_time_vision_feature_layer_is_not_silently_ignored(llava):
         other = -1 if llava.config.vision_feature_layer != -1 else -2
         with pytest.raises(ValueError, match="vision_feature_layer"), torch.no_grad():
             llava(input_ids=ids, pixel_values=px, vision_feature_layer=other)
+
+
+def test_an_older_cache_continues_after_another_prompt(llava):
+    first_ids, second_ids, px = single(seed=0), single(text=(5, 3), seed=1), images(1)
+    with vtprune.patched(llava, "fastervlm", keep_tokens=4), torch.no_grad():
+        whole = llava.generate(input_ids=first_ids, pixel_values=px, max_new_tokens=6, do_sample=False)
+        first = llava.generate(
+            input_ids=first_ids, pixel_values=px, max_new_tokens=3, do_sample=False, return_dict_in_generate=True
+        )
+        llava.generate(input_ids=second_ids, pixel_values=images(1, seed=2), max_new_tokens=3, do_sample=False)
+        continued = llava.generate(
+            input_ids=first.sequences, cache=first.past_key_values, max_new_tokens=3, do_sample=False
+        )
+    assert torch.equal(continued, whole[:, : continued.shape[1]])

@@ -30,6 +30,7 @@ leave it as it is.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,7 @@ class StageStack:
         self.llm_name, self.llm = llm if llm is not None else (None, None)
         self.kv_bytes_per_token = kv_bytes_per_token
         self.state = ForwardState()
+        self._prompts = weakref.WeakKeyDictionary()  # cache -> the pruned prompt it holds (any thread's)
         self._pre_hook = None
 
     def attached(self) -> bool:
@@ -83,6 +85,7 @@ class StageStack:
 
     def reset(self) -> None:
         self.state = ForwardState()
+        self._prompts = weakref.WeakKeyDictionary()
 
     # -- what the adapter reports ---------------------------------------------------------------
     def add_scores(self, name: str, scores: torch.Tensor) -> None:
@@ -115,11 +118,17 @@ class StageStack:
         self.state.visual = {}
 
     def pruned_prompt(self, cache) -> PrunedPrompt | None:
-        """The pre-LLM stage's pruned prompt that a forward on ``cache`` continues (this thread's), else None."""
-        prompt = self.state.prompt
-        if prompt is None or cache is None or cache is not prompt.cache:
-            return None
-        return prompt.pre
+        """The pre-LLM stage's pruned prompt that a forward on ``cache`` continues, else None."""
+        prompt = self._prompts.get(cache) if cache is not None else None
+        return prompt.pre if prompt is not None else None
+
+    def removed_tokens(self, cache) -> int:
+        """How many fewer entries ``cache`` holds than the unpruned prompt would (0: not pruned by us).
+
+        ``generate`` slices a continued prompt by the cache length (the first layer's, which only a
+        pre-LLM cut shortens)."""
+        prompt = self.pruned_prompt(cache)
+        return prompt.original_length - prompt.pruned_mask.shape[1] if prompt is not None else 0
 
     def cut_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, L) labels of this thread's last prefill, cut like its prompt by every stage."""
@@ -150,8 +159,9 @@ class StageStack:
         cache = kwargs.get("cache")
         if inputs is not None:
             return self._prefill(inputs, args, kwargs)
-        prompt = state.prompt
-        if prompt is not None and cache is not None and cache is prompt.cache:
+        prompt = self._prompts.get(cache) if cache is not None else None
+        if prompt is not None:  # a forward on a cache a prefill here pruned: this thread continues it
+            state.prompt = prompt
             return self._decode(prompt, args, kwargs)
         if cache is None or cache.get_seq_length() == 0:  # a text-only prompt
             state.prompt = None
@@ -202,6 +212,8 @@ class StageStack:
             return None
         if prompt.cache is None:
             prompt.cache = getattr(output, "cache", None)
+        if prompt.cache is not None:
+            self._prompts[prompt.cache] = prompt
         llm_result = None
         if self.llm is not None:
             prompt.llm, llm_result = self.llm.finish_prefill(forward)
