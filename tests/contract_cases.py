@@ -1,0 +1,247 @@
+"""The cases of the contract matrix (tests/test_contracts.py): one entry per family, one per method.
+
+A family case builds a tiny config-built model and its inputs: a left-padded batch of two prompts of
+different lengths and each of those prompts alone. A new family adds one builder to ``FAMILIES``; a
+new method adds one entry to ``METHODS`` (the contract test fails while either is missing).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+from vtprune.evals.models import transformers_vlms as vlms
+
+LAYERS = 4  # decoder layers of every tiny LLM: room for fastv k=1 and pdrop's layers 1 and 2
+
+
+@dataclass
+class FamilyCase:
+    """A tiny model and its prompts. ``batch``: both prompts left-padded; ``samples``: each alone."""
+
+    model: torch.nn.Module
+    batch: dict
+    samples: list[dict]
+    visual_ids: tuple[int, ...]  # input_ids placeholders of visual tokens (labels are -100 there)
+    # the package-era families: generate() takes the prompt as ``inputs`` and returns only the new tokens
+    prompt_keyword: str = "input_ids"
+    returns_prompt: bool = True
+    # why the unpatched model cannot generate here (the reference is then a cache-free greedy loop)
+    no_unpatched_generate: str | None = None
+    # why a second generate cannot continue the returned cache in this family's API
+    no_continued_cache: str | None = None
+    family: str = field(default="", init=False)  # its key in FAMILIES
+    memo: dict = field(default_factory=dict, init=False, repr=False)  # the unpatched model's outputs
+
+    def forward(self, inputs: dict, **options):
+        with torch.no_grad():
+            return self.model(**inputs, **options)
+
+    def generate(self, inputs: dict, **options):
+        inputs = dict(inputs)
+        inputs[self.prompt_keyword] = inputs.pop("input_ids")
+        with torch.no_grad():
+            return self.model.generate(**inputs, **options)
+
+    def new_tokens(self, sequences: torch.Tensor, inputs: dict, count: int) -> torch.Tensor:
+        """The generated part of ``generate``'s output (``count`` tokens per row)."""
+        tokens = sequences[:, inputs["input_ids"].shape[1] :] if self.returns_prompt else sequences[:, -count:]
+        assert tokens.shape[1] == count, f"expected {count} new tokens, got {tokens.shape[1]}"
+        return tokens
+
+    def text_only(self, inputs: dict) -> dict:
+        """The per-token inputs of ``inputs`` (what a decode step or a continued cache receives)."""
+        return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+
+    def extend(self, inputs: dict, tokens: torch.Tensor) -> dict:
+        """``inputs`` with ``tokens`` (B, n) appended as text after the prompt."""
+        extended = dict(inputs)
+        extended["input_ids"] = torch.cat([inputs["input_ids"], tokens], dim=1)
+        for key, value in (("attention_mask", 1), ("mm_token_type_ids", 0)):
+            if key in inputs:
+                extended[key] = torch.cat([inputs[key], torch.full_like(tokens, value)], dim=1)
+        return extended
+
+    def labels(self, inputs: dict) -> torch.Tensor:
+        """Next-token labels: the prompt's text tokens; -100 at visual placeholders, padding and each
+        row's first token (nothing in the row predicts it)."""
+        ids = inputs["input_ids"]
+        real = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+        first = real.long().cumsum(dim=1) == 1
+        ignored = torch.isin(ids, torch.tensor(self.visual_ids)) | ~real | (first & real)
+        return torch.where(ignored, -100, ids)
+
+
+def _no_eos(model):
+    model.generation_config.eos_token_id = None  # random weights: every row generates max_new_tokens
+    return model
+
+
+def _images(n, seed):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _with_text(placeholders: torch.Tensor, text=(3, 4), seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    before, after = (torch.randint(7, 128, (n,), generator=generator) for n in text)
+    return torch.cat([before, placeholders, after])
+
+
+def _left_padded(samples: list[dict], padded: dict) -> dict:
+    """One left-padded batch of ``samples``; ``padded``: the batched non-text inputs."""
+    ids, mask = vlms.left_pad([s["input_ids"][0] for s in samples])
+    batch = {"input_ids": ids, "attention_mask": mask, **padded}
+    if "mm_token_type_ids" in samples[0]:
+        types = torch.zeros_like(ids)
+        for row, s in enumerate(samples):
+            types[row, ids.shape[1] - s["input_ids"].shape[1] :] = s["mm_token_type_ids"][0]
+        batch["mm_token_type_ids"] = types
+    return batch
+
+
+def llava() -> FamilyCase:
+    model = _no_eos(vlms.tiny_llava(seed=1, text=vlms.text_config(layers=LAYERS)))
+    prompts = [vlms.prompt_ids([3, 9], seed=1), vlms.prompt_ids([8, 2], seed=2)]  # 28 and 26 tokens
+    px = _images(2, seed=7)
+    samples = [{"input_ids": p[None], "pixel_values": px[i : i + 1]} for i, p in enumerate(prompts)]
+    return FamilyCase(model, _left_padded(samples, {"pixel_values": px}), samples, (vlms.IMAGE_TOKEN_ID,))
+
+
+def _anyres_samples(model, sizes, seed):
+    """One image per sample: the base image and its crops, padded to the batch's most crops (as the
+    processors pad); as many placeholders as the unpatched model packs."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    pinpoints, side = model.config.image_grid_pinpoints, model.config.vision_config.image_size
+    max_crops = max(image_size_to_num_patches(size, pinpoints, side) for size in sizes)
+    samples = []
+    for index, size in enumerate(sizes):
+        image_sizes = torch.tensor([size])
+        px = torch.randn(1, max_crops, 3, side, side, generator=torch.Generator().manual_seed(seed + index))
+        with torch.no_grad():
+            packed = model.model.get_image_features(pixel_values=px, image_sizes=image_sizes).pooler_output
+        ids = _with_text(torch.full((packed[0].shape[0],), vlms.IMAGE_TOKEN_ID), (3 + 4 * index, 2), seed + index)
+        samples.append({"input_ids": ids[None], "pixel_values": px, "image_sizes": image_sizes})
+    return samples
+
+
+def _anyres_batch(samples):
+    return _left_padded(
+        samples,
+        {
+            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+            "image_sizes": torch.cat([s["image_sizes"] for s in samples]),
+        },
+    )
+
+
+def llava_next() -> FamilyCase:
+    model = _no_eos(vlms.tiny_llava_next(seed=1, text=vlms.text_config(layers=LAYERS)))
+    samples = _anyres_samples(model, [[30, 50], [60, 40]], seed=3)
+    return FamilyCase(model, _anyres_batch(samples), samples, (vlms.IMAGE_TOKEN_ID,))
+
+
+def llava_onevision() -> FamilyCase:
+    model = _no_eos(vlms.tiny_llava_onevision(seed=3, layers=LAYERS))
+    samples = _anyres_samples(model, [[60, 40], [30, 50]], seed=5)
+    return FamilyCase(model, _anyres_batch(samples), samples, (vlms.IMAGE_TOKEN_ID, vlms.VIDEO_TOKEN_ID))
+
+
+def qwen2_vl() -> FamilyCase:
+    model = _no_eos(vlms.tiny_qwen2_vl(seed=1, layers=LAYERS))
+    samples = []
+    for seed, (grid, text) in enumerate([((1, 4, 6), (3, 4)), ((1, 8, 4), (5, 2))]):  # 6 and 8 merged tokens
+        ids, types = vlms.qwen2_vl_prompt(list(text), [grid], seed=seed)
+        samples.append(
+            {
+                "input_ids": ids[None],
+                "mm_token_type_ids": types[None],
+                "pixel_values": vlms.qwen2_vl_pixels([grid], seed=seed),
+                "image_grid_thw": torch.tensor([grid]),
+            }
+        )
+    padded = {
+        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+        "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples]),
+    }
+    return FamilyCase(model, _left_padded(samples, padded), samples, (vlms.IMAGE_TOKEN_ID, vlms.VIDEO_TOKEN_ID))
+
+
+def llava_original() -> FamilyCase:
+    """The original LLaVA code base (llava-torch); the caller skips when it is not installed."""
+    from transformers import __version__
+
+    from vtprune.evals.models.llava_original import (
+        IMAGE_TOKEN_INDEX,
+        original_prompt,
+        save_clip_tower,
+        tiny_llava_original,
+    )
+
+    with tempfile.TemporaryDirectory() as folder:  # the tower is loaded from the folder at build time
+        model = tiny_llava_original(save_clip_tower(f"{folder}/tower"), seed=1, layers=LAYERS, padding_side="left")
+    _no_eos(model)
+    prompts = [original_prompt([3, 9], seed=1), original_prompt([8, 2], seed=2)]
+    px = _images(2, seed=7)
+    samples = [{"input_ids": p[None], "images": px[i : i + 1]} for i, p in enumerate(prompts)]
+    era = int(__version__.split(".")[0]) < 5  # the package's own transformers 4.3x
+    return FamilyCase(
+        model,
+        _left_padded(samples, {"images": px}),
+        samples,
+        (IMAGE_TOKEN_INDEX,),
+        prompt_keyword="inputs",
+        returns_prompt=False,
+        no_unpatched_generate=None if era else f"the unpatched generate needs transformers 4.3x (found {__version__})",
+        no_continued_cache="LlavaLlamaForCausalLM.generate runs from the merged inputs_embeds: no prompt ids to extend",
+    )
+
+
+FAMILIES = {
+    "llava": llava,
+    "llava_next": llava_next,
+    "llava_onevision": llava_onevision,
+    "qwen2_vl": qwen2_vl,
+    "llava_original": llava_original,
+}
+
+
+def constant_scorer(frames, prompt):
+    """QuoTA's frame scorer stub: every frame equally relevant (each keeps its share of the budget)."""
+    return torch.full((frames.shape[0],), 0.5)
+
+
+def pixel_scorer(frames, prompt):
+    """QuoTA's frame scorer stub that depends on each frame alone (the same answer in or out of a batch)."""
+    return torch.sigmoid(frames.float().mean(dim=(1, 2, 3)) * 20)
+
+
+@dataclass(frozen=True)
+class MethodCase:
+    """Options of a method at a small budget that applies to the tiny models, and the options that keep
+    every token; ``no_keep_all``: families where no option keeps every token, and why."""
+
+    small: dict
+    keep_all: dict
+    no_keep_all: dict[str, str] = field(default_factory=dict)
+
+
+_RATIO = MethodCase(small={"keep_ratio": 0.5}, keep_all={"keep_ratio": 1.0})
+
+METHODS = {
+    "fastervlm": _RATIO,
+    "fopru": _RATIO,
+    "random": _RATIO,
+    "uniform": _RATIO,
+    "globalcom2": _RATIO,
+    "hired": MethodCase(small={"budget_ratio": 0.5}, keep_all={"budget_ratio": 1.0}),
+    "fastv": MethodCase(small={"k": 1, "ratio": 0.5}, keep_all={"k": 1, "ratio": 0.0}),
+    "pdrop": MethodCase(small={"layers": [1, 2], "lam": 0.5}, keep_all={"layers": [1, 2], "lam": 1.0}),
+    "quota": MethodCase(
+        small={"scorer": pixel_scorer, "query": "What is shown?", "keep_ratio": 0.5},
+        keep_all={"scorer": constant_scorer, "query": "What is shown?", "keep_ratio": 1.0},
+        no_keep_all={"llava_onevision": "an image's frame is its base view: its AnyRes crops are always dropped"},
+    ),
+}
