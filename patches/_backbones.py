@@ -104,11 +104,6 @@ class LlamaStyleBackbone:
             layer_idx=layer_index,
         )
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes one token occupies in one layer's KV cache (keys and values)."""
-        attention = self.layers[0].self_attn
-        kv_heads = self.config.num_attention_heads // attention.num_key_value_groups
-        return 2 * kv_heads * attention.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def llm_backbone(language_model: torch.nn.Module) -> LlamaStyleBackbone:

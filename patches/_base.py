@@ -41,7 +41,7 @@ from vtprune.engine.probe import cls_attention_row, received_attention
 from vtprune.engine.stages import StageStack
 from vtprune.methods.base import BudgetConfig
 from vtprune.patches import InstanceMethodPatch
-from vtprune.patches.llm_backbones import llm_backbone
+from vtprune.patches._backbones import llm_backbone
 from vtprune.types import PrefillInputs, VisualInputs, VisualLayout
 
 PROBES = {"cls": cls_attention_row, "received": received_attention}
@@ -110,6 +110,7 @@ class Adapter:
         self.language_model = self.find_language_model()
         self.vision_tower = self.find_vision_tower()
         self.stack: StageStack | None = None
+        self.probes_feature_layer = False  # whether a probe scores the layer config.vision_feature_layer names
 
     # -- what the model looks like (a family overrides what differs) ------------------------------
     def find_base(self) -> torch.nn.Module:
@@ -218,19 +219,18 @@ class Adapter:
                 f"the {self.family} adapter applies at most one pre-LLM stage followed by at most one in-LLM stage, "
                 f"e.g. [('fastervlm', {{...}}), ('pdrop', {{...}})]; got {[f'{m.name} ({m.stage})' for m in methods]}"
             )
-        pre_stage = llm_stage = kv_bytes = None
+        pre_stage = llm_stage = None
         if pre:
             self.check_pre_llm(pre[0])
             pre_stage = (pre[0].name, PreLLMStage(pre[0], self.selector(pre[0], self.layout())))
         if in_llm:
-            backbone = self.backbone()
-            llm_stage = (in_llm[0].name, InLLMStage(in_llm[0], backbone))
-            kv_bytes = backbone.kv_bytes_per_token(self.language_model.dtype)
-        self.stack = StageStack(handle, self.text_config, pre_stage, llm_stage, kv_bytes)
+            llm_stage = (in_llm[0].name, InLLMStage(in_llm[0], self.backbone()))
+        self.stack = StageStack(handle, self.text_config, pre_stage, llm_stage)
         handle._on_remove.append(self.stack.reset)
         hooks = handle.hooks
         hooks.extend(self.prefill_triggers())
         if pre:
+            self.probes_feature_layer = any(layer == "feature" for _, layer in pre[0].vision_probes().values())
             hooks.extend(self.feature_wrappers())
             for name, (kind, layer) in pre[0].vision_probes().items():
                 hooks.extend(self.probe_hooks(name, kind, self.vision_attention(layer)))
@@ -320,9 +320,11 @@ class Adapter:
             def wrapper(*args, **kwargs):
                 if not stack.attached():  # a call inside handle.suspended(): not for this model's prefills
                     return get_features(*args, **kwargs)
+                arguments = call_arguments(signature, args, kwargs)
+                self.check_encoder_call(arguments)
                 stack.take_scores()  # this call's probes only
                 output = get_features(*args, **kwargs)
-                visual = self.visual_inputs(kind, call_arguments(signature, args, kwargs), stack.take_scores())
+                visual = self.visual_inputs(kind, arguments, stack.take_scores())
                 visual.columns = placeholder_columns(output)
                 stack.add_visual(kind, visual)
                 return output
@@ -330,6 +332,21 @@ class Adapter:
             return wrapper
 
         return make_wrapper
+
+    def check_encoder_call(self, arguments: dict) -> None:
+        """Call-time overrides the patch did not plan for (``generate(..., vision_feature_layer=-1)``)
+        fail here, naming the fix, instead of scoring one layer and feeding the LLM another."""
+        overrides = {"vision_feature_select_strategy": lambda: self.select_strategy}  # sets the tokens per image
+        if self.probes_feature_layer:
+            overrides["vision_feature_layer"] = lambda: self.vision_feature_layer  # sets the scored layer
+        for name, planned in overrides.items():
+            value = arguments.get(name)
+            if value is not None and value != planned():
+                raise ValueError(
+                    f"this call passes {name}={value!r}, but vtprune was patched for the model's "
+                    f"config.{name}={planned()!r}; set model.config.{name} = {value!r} before vtprune.patch, or "
+                    f"leave {name} out of the call"
+                )
 
     def probe_hooks(self, name: str, kind: str, attention: torch.nn.Module) -> list:
         """Hooks that turn one attention layer's q/k projections into one score per visual token,

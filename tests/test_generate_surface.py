@@ -21,7 +21,6 @@ from vtprune.evals.models.transformers_vlms import (
     tiny_qwen2_vl,
 )
 
-PENDING = pytest.mark.xfail(strict=True, reason="pending")
 N = 16  # visual tokens per image of the tiny LLaVA (4 x 4 patches)
 
 
@@ -236,7 +235,6 @@ def kv_bytes_per_token(model, dtype):
     return 2 * config.num_key_value_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-@pytest.mark.xfail(strict=True, reason="pending: kv bytes")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_bytes_for_a_pre_llm_method_in_the_models_dtype(dtype):
     model = tiny_llava(seed=1)
@@ -260,7 +258,6 @@ def test_kv_cache_bytes_for_a_pre_llm_method_in_the_models_dtype(dtype):
 # -- call-time overrides ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="pending: feature layer")
 def test_call_time_vision_feature_layer_is_not_silently_ignored(llava):
     ids, px = single(), images(1)
     with vtprune.patched(llava, "fastervlm", keep_tokens=4) as handle:
@@ -270,6 +267,8 @@ def test_call_time_vision_feature_layer_is_not_silently_ignored(llava):
         other = -1 if llava.config.vision_feature_layer != -1 else -2
         with pytest.raises(ValueError, match="vision_feature_layer"), torch.no_grad():
             llava(input_ids=ids, pixel_values=px, vision_feature_layer=other)
+        with pytest.raises(ValueError, match="vision_feature_select_strategy"), torch.no_grad():
+            llava.generate(input_ids=ids, pixel_values=px, vision_feature_select_strategy="full", max_new_tokens=2)
 
 
 def test_an_older_cache_continues_after_another_prompt(llava):

@@ -17,7 +17,7 @@ import vtprune
 from vtprune.engine.flops import decoder_layer_flops
 from vtprune.engine.probe import last_token_attention
 from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, left_pad, prompt_ids, text_config, tiny_llava
-from vtprune.patches.llm_backbones import llm_backbone
+from vtprune.patches._backbones import llm_backbone
 
 N = 16  # visual tokens per image of the tiny model
 LAYERS = 4
@@ -297,9 +297,8 @@ def test_manual_decode_with_the_returned_cache_has_per_layer_lengths():
         out = model(input_ids=ids, pixel_values=px, use_cache=True)
         length = ids.shape[1]
         assert [out.cache.get_seq_length(i) for i in range(LAYERS)] == [length, length - 8, length - 8, length - 12]
-        assert handle.last.kv_cache_bytes[1] == sum(handle.last.layer_tokens[0]) * llm_backbone(
-            model.model.language_model
-        ).kv_bytes_per_token(torch.float32)
+        cached = sum(layer.keys.numel() + layer.values.numel() for layer in out.cache.layers)
+        assert handle.last.kv_cache_bytes[1] == cached * torch.float32.itemsize  # what the cache really holds
         next_token = out.logits[:, -1:].argmax(-1)
         step = model(input_ids=next_token, cache=out.cache, use_cache=True).logits
         cuts = {s.layer: (s.kept[0], "compact") for s in handle.last.stages}

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import vtprune
-from vtprune.engine.flops import decoder_layer_flops, llm_prefill_flops
+from vtprune.engine.flops import decoder_layer_flops, kv_bytes_per_token, llm_prefill_flops
 from vtprune.engine.probe import cls_attention_row
 from vtprune.engine.sequence import plan_cut
 from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, build_llava, llava15_shaped_config
@@ -243,7 +243,7 @@ def time_configs(model, inputs, configs, repeats: int) -> list[dict]:
     text_config = model.config.text_config
     length = inputs["input_ids"].shape[1]
     flops_unpruned = llm_prefill_flops(length, text_config)
-    kv_per_token = kv_bytes_per_token(model)
+    kv_per_token = kv_bytes_per_token(model.config.text_config, model.dtype)
     visual_ids = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
     visual_unpruned = int(torch.isin(inputs["input_ids"], torch.tensor([i for i in visual_ids if i is not None])).sum())
     rows = []
@@ -269,14 +269,6 @@ def time_configs(model, inputs, configs, repeats: int) -> list[dict]:
         if getattr(record, "extra", None):  # the method's own figures (quota: per-frame tokens and grids)
             rows[-1]["extra"] = dict(record.extra)
     return rows
-
-
-def kv_bytes_per_token(model) -> int:
-    """Bytes one token takes in one layer's KV cache (keys and values)."""
-    text = model.config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return 2 * kv_heads * head_dim * model.dtype.itemsize
 
 
 def measured_kv_bytes(model, inputs, spec) -> int | None:

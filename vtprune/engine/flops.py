@@ -1,6 +1,8 @@
-"""Theoretical LLM prefill FLOPs (2 FLOPs per multiply-add)."""
+"""Theoretical LLM prefill FLOPs (2 FLOPs per multiply-add) and KV-cache bytes."""
 
 from __future__ import annotations
+
+import torch
 
 
 def decoder_layer_flops(num_tokens: int, text_config) -> int:
@@ -24,3 +26,11 @@ def decoder_layer_flops(num_tokens: int, text_config) -> int:
 def llm_prefill_flops(num_tokens: int, text_config) -> int:
     """FLOPs of the whole decoder stack for one sequence of ``num_tokens`` tokens."""
     return text_config.num_hidden_layers * decoder_layer_flops(num_tokens, text_config)
+
+
+def kv_bytes_per_token(text_config, dtype: torch.dtype) -> int:
+    """Bytes one token occupies in one layer's KV cache: keys and values of every KV head, in ``dtype``."""
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    return 2 * kv_heads * head_dim * dtype.itemsize

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vtprune.engine.flops import kv_bytes_per_token
 from vtprune.engine.generation import expansion
 from vtprune.engine.in_llm import LLMPrefillResult, PrunedPromptStages
 from vtprune.engine.pre_llm import PrefillResult, PrunedPrompt, visual_index
@@ -67,13 +68,12 @@ class ForwardState(threading.local):
 
 
 class StageStack:
-    def __init__(self, handle, text_config, pre=None, llm=None, kv_bytes_per_token: int | None = None):
+    def __init__(self, handle, text_config, pre=None, llm=None):
         """pre / llm: (method name, stage) or None."""
         self.handle = handle
         self.text_config = text_config
         self.pre_name, self.pre = pre if pre is not None else (None, None)
         self.llm_name, self.llm = llm if llm is not None else (None, None)
-        self.kv_bytes_per_token = kv_bytes_per_token
         self.state = ForwardState()
         self._prompts = weakref.WeakKeyDictionary()  # cache -> the pruned prompt it holds (any thread's)
         self._pre_hook = None
@@ -165,7 +165,7 @@ class StageStack:
             return self._decode(prompt, args, kwargs)
         if cache is None or cache.get_seq_length() == 0:  # a text-only prompt
             state.prompt = None
-            self._publish_text(kwargs)
+            self._publish_text(module, kwargs)
         return None
 
     def _prefill(self, inputs: PrefillInputs, args, kwargs):
@@ -217,7 +217,7 @@ class StageStack:
         llm_result = None
         if self.llm is not None:
             prompt.llm, llm_result = self.llm.finish_prefill(forward)
-        self._publish(prompt.pre_result, llm_result)
+        self._publish(module, prompt.pre_result, llm_result)
         return None
 
     def _layer_hook(self, index: int):
@@ -231,15 +231,19 @@ class StageStack:
         return hook
 
     # -- handle.last ------------------------------------------------------------------------------
-    def _publish(self, pre_result: PrefillResult | None, llm_result: LLMPrefillResult | None) -> None:
+    def _publish(self, module, pre_result: PrefillResult | None, llm_result: LLMPrefillResult | None) -> None:
         self.handle.last = PruneRecord(
             text_config=self.text_config,
             pre=(self.pre_name, pre_result) if pre_result is not None else None,
             llm=(self.llm_name, llm_result) if llm_result is not None else None,
-            kv_bytes_per_token=self.kv_bytes_per_token,
+            kv_bytes_per_token=self._kv_bytes_per_token(module),
         )
 
-    def _publish_text(self, kwargs) -> None:
+    def _kv_bytes_per_token(self, language_model) -> int:
+        """In the dtype the LLM runs in now (the model may have been cast after patching)."""
+        return kv_bytes_per_token(self.text_config, next(language_model.parameters()).dtype)
+
+    def _publish_text(self, module, kwargs) -> None:
         tokens = kwargs.get("inputs_embeds")
         tokens = tokens if tokens is not None else kwargs.get("input_ids")
         if tokens is None:
@@ -250,7 +254,7 @@ class StageStack:
         else:
             real = torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
         self.handle.last = PruneRecord(
-            text_config=self.text_config, text_tokens=real, kv_bytes_per_token=self.kv_bytes_per_token
+            text_config=self.text_config, text_tokens=real, kv_bytes_per_token=self._kv_bytes_per_token(module)
         )
 
 
