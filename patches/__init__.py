@@ -6,6 +6,9 @@ attention layers are, where image tokens sit in the sequence, and which modules 
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 _ADAPTERS: dict[str, type] = {}
 
 
@@ -17,19 +20,20 @@ def register_adapter(cls):
 
 def supported_families() -> dict[str, list[str]]:
     """Adapter family -> model classes it accepts."""
+    _register_families()
     return {cls.family: list(cls.model_classes) for cls in dict.fromkeys(_ADAPTERS.values())}
+
+
+def _register_families() -> None:
+    """Import every family file (``patches/<family>.py``; shared parts start with ``_``), which registers it."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
 
 
 def get_adapter(model):
     """The adapter class for a loaded model, or a clear error listing what is supported."""
-    from vtprune.patches import (  # noqa: F401  (registers the built-in adapters)
-        llava,
-        llava_next,
-        llava_onevision,
-        llava_original,
-        qwen2_vl,
-    )
-
+    _register_families()
     config = getattr(model, "config", None)
     adapter = _ADAPTERS.get(getattr(config, "model_type", None))
     if adapter is None or type(model).__name__ not in adapter.model_classes:
@@ -46,13 +50,22 @@ class InstanceMethodPatch:
 
     For the rare input no module hook can see (e.g. ``image_sizes`` when ``generate`` encodes
     images itself): the wrapper is an attribute of this instance only, recorded in the handle.
+    It wraps whatever the instance has now, an earlier instance-level wrapper included (ours or
+    another tool's), and ``remove()`` puts exactly that back; the handle removes in reverse order.
     """
 
+    _ABSENT = object()
+
     def __init__(self, obj, name: str, make_wrapper):
-        if name in vars(obj):
-            raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance")
         self.obj, self.name = obj, name
-        setattr(obj, name, make_wrapper(getattr(obj, name)))
+        self.previous = vars(obj).get(name, self._ABSENT)
+        self.wrapper = make_wrapper(getattr(obj, name))
+        setattr(obj, name, self.wrapper)
 
     def remove(self) -> None:
-        vars(self.obj).pop(self.name, None)
+        if vars(self.obj).get(self.name) is not self.wrapper:
+            return  # already removed
+        if self.previous is self._ABSENT:
+            del vars(self.obj)[self.name]
+        else:
+            setattr(self.obj, self.name, self.previous)

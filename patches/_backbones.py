@@ -105,7 +105,6 @@ class LlamaStyleBackbone:
         )
 
 
-
 def llm_backbone(language_model: torch.nn.Module) -> LlamaStyleBackbone:
     """The backbone helper for a loaded decoder stack, or a TypeError listing the supported ones."""
     return LlamaStyleBackbone(language_model)

@@ -11,7 +11,7 @@ the ``LlavaModel`` pre-hook starts a prefill when a forward carries images (pixe
 stack each encoding's probe scores; the probes hook the q/k projections of the scored tower
 layer (by default the layer feeding the projector: layer 22 of 24 for LLaVA-1.5's -2, exactly
 FasterVLM's ``attentions[-2]``); the stage stack hooks the language model and, for in-LLM
-methods, its decoder layers (``vtprune.patches.llm_backbones``); ``labels`` are cut like the
+methods, its decoder layers (``vtprune.patches._backbones``); ``labels`` are cut like the
 sequence and the loss is computed on the pruned logits.
 
 Selection: one fixed layout per image (:func:`vtprune.engine.pre_llm.fixed_layout_selector`).

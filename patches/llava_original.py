@@ -69,8 +69,8 @@ from vtprune.engine.pre_llm import fixed_layout_selector
 from vtprune.engine.probe import AttentionParts
 from vtprune.patches import InstanceMethodPatch, register_adapter
 from vtprune.patches._anyres import anyres_image, select_packed
+from vtprune.patches._backbones import LlamaStyleBackbone
 from vtprune.patches._base import Adapter
-from vtprune.patches.llm_backbones import LlamaStyleBackbone
 from vtprune.types import AnyResImage, PrefillInputs, VisualInputs
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX

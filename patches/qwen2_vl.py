@@ -55,9 +55,9 @@ import torch
 
 from vtprune.engine.probe import received_attention
 from vtprune.patches import register_adapter
+from vtprune.patches._backbones import LlamaStyleBackbone
 from vtprune.patches._base import IMAGES_AND_VIDEOS, Adapter, scatter_kinds
 from vtprune.patches._frames import FrameSet, plan_frame_sets, select_frames
-from vtprune.patches.llm_backbones import LlamaStyleBackbone
 from vtprune.types import VisualInputs, VisualLayout
 
 

@@ -17,7 +17,7 @@ the hooks and keeps the per-forward state per thread:
 4. :meth:`InLLMStage.start_decode` at later forwards on the pruned cache: the per-stage masks
    and positions.
 
-The backbone helper (``vtprune.patches.llm_backbones``) says where the layer parts are and
+The backbone helper (``vtprune.patches._backbones``) says where the layer parts are and
 builds masks with transformers' own mask builders, so each attention implementation (SDPA,
 eager, FlashAttention) gets the mask form it expects, sized by that layer's cache.
 
@@ -249,11 +249,15 @@ class InLLMStage:
         if len(prompt.stages) == 1:
             return None
         step = decode_step(kwargs, prompt.input_length, prompt.input_length, prompt.stages[0].mask2d.dtype)
-        check_positions(step.positions)
+        positions, prefill_positions = step.positions, prompt.stages[0].positions
+        if positions.dim() == 3 and positions.shape[0] == 1 and prefill_positions.dim() == 3:
+            # Qwen2-VL's generate continues a returned cache with one row shared by the M-RoPE rows
+            positions = positions.expand(prefill_positions.shape[0], -1, -1)
+        check_positions(positions)
         batch = kwargs["inputs_embeds"].shape[0]
         return _Forward(
             prefill=False,
-            base_positions=expand_positions(step.positions, batch, step.query_length),
+            base_positions=expand_positions(positions, batch, step.query_length),
             extra_mask=step.extra_mask,
         )
 
