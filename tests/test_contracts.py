@@ -110,6 +110,15 @@ def cases(test: str, with_mode: bool = False) -> list:
     return params
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on tiny models two threads are several times slower on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def family_cases():
     """One model per family for the whole module (built on first use): tests patch it and remove."""
