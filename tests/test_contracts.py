@@ -22,6 +22,7 @@ import importlib
 import pkgutil
 import subprocess
 import sys
+import threading
 import types
 
 import pytest
@@ -33,7 +34,16 @@ import vtprune
 import vtprune.patches
 
 STEPS = 3  # new tokens per generate
-MODES = ["sampling", "beams", "num_return_sequences", "continued_cache", "no_cache", "labels"]
+MODES = [
+    "sampling",
+    "beams",
+    "num_return_sequences",
+    "continued_cache",
+    "no_cache",
+    "labels",
+    "threads",
+    "static_cache",
+]
 
 PRE_LLM = ["fastervlm", "fopru", "random", "uniform", "globalcom2", "hired", "quota"]
 IN_LLM = ["fastv", "pdrop"]
@@ -414,6 +424,37 @@ def mode_labels(case, method, handle_for):
     reference = unpatched(case, "loss", lambda: case.forward(inputs).loss)
     with handle_for("keep_all"):
         assert torch.equal(case.forward(inputs).loss, reference)
+
+
+def mode_threads(case, method, handle_for):
+    """Two threads generating on one patched model at once: each gets what its prompt gets alone."""
+    with handle_for("small"):
+        alone = [greedy(case, sample) for sample in case.samples]
+        start = threading.Barrier(len(case.samples))
+        results, errors = {}, []
+
+        def run(row):
+            try:
+                start.wait()
+                results[row] = [greedy(case, case.samples[row]) for _ in range(2)]
+            except Exception as error:  # noqa: BLE001 (re-raised below, in the test's thread)
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=(row,)) for row in range(len(case.samples))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    for row, tokens in enumerate(alone):
+        assert all(torch.equal(got, tokens) for got in results[row]), f"sample {row}"
+
+
+def mode_static_cache(case, method, handle_for):
+    """A static cache is refused with an error that names it."""
+    with handle_for("small"), pytest.raises((ValueError, NotImplementedError, TypeError), match="(?i)static"):
+        greedy(case, case.batch, cache_implementation="static")
 
 
 def hand_cut_loss(case, inputs, logits, kept) -> torch.Tensor:
