@@ -8,7 +8,9 @@ Contracts (design notes, "Contracts tests and users rely on"):
   and generates what it generates alone;
 - cached decode equals the cache-free reference on the same kept set;
 - generate's surface works patched (sampling, beams, several return sequences, a continued cache,
-  ``use_cache=False``, labels), each against an independent expectation.
+  ``use_cache=False``, labels, two threads on one model; a static cache is refused naming it), each
+  against an independent expectation;
+- ``handle.last.kv_cache_bytes`` is what the returned cache holds.
 
 The cases live in tests/contract_cases.py. A refusal at patch time (a method that does not apply to
 a family) is a skip carrying the refusal. Known bugs of issue 11 are strict xfails listed in
