@@ -511,9 +511,6 @@ def test_kv_cache_bytes_are_the_bytes_of_the_cache(family_cases, family, method)
 # -- the family list is there before any model is patched ------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="FOUND: supported_families() is empty until a model has been patched (adapters register lazily)"
-)
 def test_supported_families_are_listed_before_any_patch():
     code = "import vtprune.patches as p; print(sorted(p.supported_families()))"
     listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
