@@ -7,7 +7,8 @@ an instance hook recorded in the handle; ``remove()`` takes them all away.
 
 A family (one file, ``patches/<family>.py``) subclasses :class:`Adapter` and says:
 
-- which classes and ``model_type`` it accepts (``family``, ``model_types``, ``model_classes``);
+- which classes and ``model_type`` it accepts (``family``, ``model_classes``; ``model_types`` only
+  where ``config.model_type`` is not the family's name);
 - where the parts are: :meth:`Adapter.find_vision_tower`, :meth:`Adapter.vision_layers`, the
   language model, :meth:`Adapter.has_cls_token`, ``vision_feature_layer`` and the select strategy;
 - which visual inputs a forward carries and where their tokens sit (``visual_kinds``: kind ->
@@ -96,12 +97,17 @@ def refuse_chunked_prefill(generate):
 
 class Adapter:
     family: ClassVar[str]
-    model_types: ClassVar[tuple[str, ...]]
+    model_types: ClassVar[tuple[str, ...]]  # the config.model_type values it accepts; default (family,)
     model_classes: ClassVar[tuple[str, ...]]  # the *ForConditionalGeneration class first, then the *Model
     visual_kinds: ClassVar[dict[str, VisualKind]] = IMAGES
     supports_feature_replacement: ClassVar[bool] = False  # methods that rewrite visual tokens (quota)
     has_crops: ClassVar[bool] = False  # whether images come as a base image plus crops (AnyRes)
     no_crops: ClassVar[str] = "sees single-resolution images: use fastervlm, fopru, random or uniform"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "model_types" not in vars(cls):
+            cls.model_types = (cls.family,)
 
     def __init__(self, model):
         self.model = model

@@ -27,7 +27,6 @@ from vtprune.patches._base import Adapter
 @register_adapter
 class LlavaAdapter(Adapter):
     family = "llava"
-    model_types = ("llava",)
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
 
     def selector(self, method, layout):

@@ -33,7 +33,6 @@ from vtprune.types import AnyResImage, VisualInputs
 @register_adapter
 class LlavaNextAdapter(Adapter):
     family = "llava_next"
-    model_types = ("llava_next",)
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     has_crops = True
 

@@ -52,7 +52,6 @@ NEWLINE = -1.0e6  # marker value of newline columns in the coordinate packing
 @register_adapter
 class LlavaOnevisionAdapter(Adapter):
     family = "llava_onevision"
-    model_types = ("llava_onevision",)
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     visual_kinds = IMAGES_AND_VIDEOS
     supports_feature_replacement = True  # quota: video frames replaced by their resized grids

@@ -110,7 +110,6 @@ def received_per_slice(qkv: torch.Tensor, cos_sin, cu_seqlens, num_heads: int, s
 @register_adapter
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
-    model_types = ("qwen2_vl",)
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
     visual_kinds = IMAGES_AND_VIDEOS
     supports_feature_replacement = True  # quota: frames replaced by their resized grids
