@@ -46,6 +46,7 @@ MODES = [
     "threads",
     "static_cache",
 ]
+POSITIONS = ["compact", "original"]  # the positions kept tokens take (every method has the option)
 
 PRE_LLM = ["fastervlm", "fopru", "random", "uniform", "globalcom2", "hired", "quota"]
 IN_LLM = ["fastv", "pdrop"]
@@ -110,14 +111,15 @@ def legacy_transformers() -> bool:
     return int(__version__.split(".")[0]) < 5
 
 
-def cases(test: str, with_mode: bool = False) -> list:
-    """(family, method[, mode]) parameters of ``test``, with the xfail marks of the two tables."""
+def cases(test: str, variants: list[str] | None = None) -> list:
+    """(family, method[, variant]) parameters of ``test``, with the xfail marks of the two tables
+    (keyed ``test`` or ``test[variant]``)."""
     params = []
     for family in FAMILIES:
         for method in METHODS:
-            for mode in MODES if with_mode else [None]:
-                marks = marks_for(f"{test}[{mode}]" if mode else test, family, method)
-                values = (family, method, mode) if mode else (family, method)
+            for variant in variants or [None]:
+                marks = marks_for(f"{test}[{variant}]" if variant else test, family, method)
+                values = (family, method, variant) if variant else (family, method)
                 params.append(pytest.param(*values, marks=marks, id="-".join(values)))
     return params
 
@@ -150,10 +152,10 @@ def family_cases():
 
 
 @contextlib.contextmanager
-def patched(case: FamilyCase, method: str, budget: str):
-    """``vtprune.patched`` at the method case's ``budget`` ("small" or "keep_all"); a refusal at
-    patch time is a skip carrying its message."""
-    options = getattr(METHODS[method], budget)
+def patched(case: FamilyCase, method: str, budget: str, **extra):
+    """``vtprune.patched`` at the method case's ``budget`` ("small" or "keep_all"), plus ``extra``
+    options; a refusal at patch time is a skip carrying its message."""
+    options = {**getattr(METHODS[method], budget), **extra}
     no_keep_all = METHODS[method].no_keep_all.get(case.family)
     if budget == "keep_all" and no_keep_all:
         pytest.skip(f"{method} has no keep-all configuration on {case.family}: {no_keep_all}")
@@ -266,10 +268,10 @@ def test_remove_restores_the_model_exactly(family_cases, family, method):
 # -- batches and the cache -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family, method", cases("batch_invariance"))
-def test_left_padded_batch_equals_each_sample_alone(family_cases, family, method):
+@pytest.mark.parametrize("family, method, positions", cases("batch_invariance", POSITIONS))
+def test_left_padded_batch_equals_each_sample_alone(family_cases, family, method, positions):
     case = family_cases(family)
-    with patched(case, method, "small") as handle:
+    with patched(case, method, "small", positions=positions) as handle:
         batch_tokens = greedy(case, case.batch)
         assert_prunes(handle)
         batch_kept = kept_sets(handle)
@@ -282,8 +284,8 @@ def test_left_padded_batch_equals_each_sample_alone(family_cases, family, method
             assert torch.equal(alone[0], batch_tokens[row]), f"sample {row}"
 
 
-@pytest.mark.parametrize("family, method", cases("cached_decode"))
-def test_cached_decode_equals_the_cache_free_reference(family_cases, family, method):
+@pytest.mark.parametrize("family, method, positions", cases("cached_decode", POSITIONS))
+def test_cached_decode_equals_the_cache_free_reference(family_cases, family, method, positions):
     """Each decode step's logits (pruned cache) equal a fresh prefill of the prompt and the tokens so
     far, checked to keep the same set (pre-LLM selections do not depend on the text that follows)."""
     if vtprune.methods()[method]["stage"] == "in_llm":
@@ -292,7 +294,7 @@ def test_cached_decode_equals_the_cache_free_reference(family_cases, family, met
             "layer-by-layer references cover it (test_in_llm.py, test_qwen2_vl.py)"
         )
     case = family_cases(family)
-    with patched(case, method, "small") as handle:
+    with patched(case, method, "small", positions=positions) as handle:
         out = case.generate(
             case.batch, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
@@ -474,7 +476,7 @@ def hand_cut_loss(case, inputs, logits, kept) -> torch.Tensor:
     return total / count
 
 
-@pytest.mark.parametrize("family, method, mode", cases("mode", with_mode=True))
+@pytest.mark.parametrize("family, method, mode", cases("mode", MODES))
 def test_generate_mode(family_cases, family, method, mode):
     case = family_cases(family)
 
