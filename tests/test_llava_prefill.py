@@ -90,19 +90,6 @@ def test_batch_with_different_image_counts_and_a_text_only_sample(model):
             assert torch.equal(alone[0], tokens[row, ids.shape[1] - prompt.numel() :])
 
 
-@pytest.mark.parametrize("method", ["fastervlm", "random", "uniform"])
-@pytest.mark.parametrize("positions", ["compact", "original"])
-def test_generation_with_cache_equals_without_cache(model, method, positions):
-    ids, mask = left_pad([prompt_ids([3, 9], seed=4), prompt_ids([7, 1], seed=5)])
-    px = images(2, seed=4)
-    with vtprune.patched(model, method, keep_tokens=5, positions=positions), torch.no_grad():
-        cached = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=6, do_sample=False)
-        uncached = model.generate(
-            input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=6, do_sample=False, use_cache=False
-        )
-    assert torch.equal(cached, uncached)
-
-
 def test_decode_steps_do_not_overwrite_the_prefill_record(model):
     with vtprune.patched(model, "fastervlm", keep_tokens=4) as handle:
         greedy(model, input_ids=single(), pixel_values=images(1))  # 6 decode steps after the prefill

@@ -201,21 +201,6 @@ def left_padded_batch(samples: list[dict], kind: str) -> dict:
     }
 
 
-def test_batch_with_different_grids_equals_samples_alone():
-    m = model()
-    samples = [inputs(IMAGE, seed=6), inputs([(1, 8, 4)], seed=7, text=(5, 2))]
-    batch = left_padded_batch(samples, "image")
-    ids = batch["input_ids"]
-    for spec in ("fopru:keep_tokens=3", "fopru:keep_tokens=3,positions=original", "fastv:k=1", "pdrop:layers=1;3"):
-        with vtprune.patched(m, spec) as handle:
-            together = greedy(m, **batch)
-            kept = handle.last.stages[-1].kept
-            for row, s in enumerate(samples):
-                alone = greedy(m, **s)
-                assert torch.equal(handle.last.stages[-1].kept[0], kept[row])
-                assert torch.equal(alone[0], together[row, ids.shape[1] - s["input_ids"].shape[1] :])
-
-
 def layerwise_greedy(m, kw, stages, steps=4):
     """Greedy decoding of the unpatched LLM, one decoder layer at a time, no cache, with hand cuts.
 
