@@ -13,8 +13,7 @@ Contracts (design notes, "Contracts tests and users rely on"):
 - ``handle.last.kv_cache_bytes`` is what the returned cache holds.
 
 The cases live in tests/contract_cases.py. A refusal at patch time (a method that does not apply to
-a family) is a skip carrying the refusal. Known bugs of issue 11 are strict xfails listed in
-``KNOWN_BUGS``; failures this matrix found beyond those are in ``FOUND``.
+a family) is a skip carrying the refusal. Failures not fixed yet are strict xfails listed in ``FOUND``.
 """
 
 from __future__ import annotations
@@ -52,41 +51,8 @@ PRE_LLM = ["fastervlm", "fopru", "random", "uniform", "globalcom2", "hired", "qu
 IN_LLM = ["fastv", "pdrop"]
 EXPANDING = ["mode[beams]", "mode[num_return_sequences]"]
 
-# Known bugs of issue 11, being fixed: (tests, families, methods, reason). Delete a line when its fix
-# lands; the marks are strict, so a fixed case fails as XPASS until its line goes. A case that
-# skips (a method refused by a family) stays a skip.
-KNOWN_BUGS = [
-    (
-        EXPANDING,
-        ["llava", "llava_next", "llava_onevision", "qwen2_vl"],
-        PRE_LLM,
-        "issue 11: pre-LLM methods crash on expanded rows or give them no visual tokens",
-    ),
-    (
-        ["mode[continued_cache]"],
-        ["llava", "llava_next", "llava_onevision", "qwen2_vl"],
-        PRE_LLM,
-        "issue 11: a second generate continuing the returned cache (pre-LLM methods)",
-    ),
-    (["kv_cache_bytes"], list(FAMILIES), PRE_LLM, "issue 11: kv_cache_bytes is None for pre-LLM methods"),
-]
-# Failures this matrix found beyond the bugs issue 11 lists (same format).
+# Failures this matrix found that are not fixed yet: (tests, families, methods, reason), strict xfails.
 FOUND = [
-    (
-        EXPANDING,
-        ["llava_original"],
-        PRE_LLM + IN_LLM,
-        "FOUND: llava_original crashes under beam search / num_return_sequences (pre-LLM: 'The size of tensor a (4) "
-        "must match the size of tensor b (2)'; in-LLM: 'the image-token map ((2, 28)) does not match the LLM input "
-        "(4, 28)')",
-    ),
-    (
-        ["mode[continued_cache]"],
-        ["qwen2_vl"],
-        IN_LLM,
-        "FOUND: Qwen2-VL in-LLM methods refuse a continued cache: 'vtprune expects (B, L) position ids, or (3, B, L) "
-        "/ (4, B, L) M-RoPE position ids; got shape (1, 2, 1)'",
-    ),
     (
         ["mode[no_cache]"],
         ["llava_original"],
@@ -100,7 +66,7 @@ FOUND = [
 def marks_for(test: str, family: str, method: str) -> list:
     return [
         pytest.mark.xfail(strict=True, reason=reason)
-        for tests, families, methods, reason in KNOWN_BUGS + FOUND
+        for tests, families, methods, reason in FOUND
         if test in tests and family in families and method in methods
     ]
 

@@ -196,7 +196,7 @@ class PruneHandle:
         for module in self._copy_guards:
             vars(module).pop("__deepcopy__", None)
         self._copy_guards.clear()
-        for hook in self.hooks:
+        for hook in reversed(self.hooks):  # last in, first out: stacked instance wrappers unwind exactly
             hook.remove()
         self.hooks.clear()
         for callback in self._on_remove:

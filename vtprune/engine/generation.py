@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -34,6 +35,7 @@ def continued_cache_patch(model, removed_tokens: Callable[[object], int]):
     from vtprune.patches import InstanceMethodPatch
 
     def make_wrapper(prepare):
+        @functools.wraps(prepare)  # generate() reads its signature (inputs_embeds support)
         def prepare_inputs_for_generation(input_ids, *args, next_sequence_length=None, **kwargs):
             cache = kwargs.get("cache")
             if next_sequence_length is not None and kwargs.get("is_first_iteration") and cache is not None:
@@ -61,8 +63,30 @@ def placeholder_columns(encoder_output) -> int:
     return sum(feature.shape[0] for feature in features)
 
 
-def expansion(inputs: PrefillInputs) -> int:
-    """How many times ``generate`` repeated each row of this prefill (1: not expanded)."""
+def expansion(inputs: PrefillInputs, llm_rows: int) -> PrefillInputs:
+    """``inputs`` with ``expand`` set: how many times ``generate`` repeated each row of this prefill.
+
+    Two ways to get there: ``generate`` expanded the prompt after encoding the images (the
+    pre-encoded features fill more columns than the encoding vtprune saw), or after the merge
+    (the original LLaVA package merges images into ``inputs_embeds`` before calling
+    ``generate``: the LLM gets more rows than the merged prompt had, so its masks are repeated).
+    """
+    merged_rows = inputs.visual_mask.shape[0]
+    if llm_rows != merged_rows:
+        if llm_rows % merged_rows:
+            raise ValueError(f"the LLM gets {llm_rows} rows for a prompt of {merged_rows}")
+        factor = llm_rows // merged_rows
+        return dataclasses.replace(
+            inputs,
+            visual_mask=inputs.visual_mask.repeat_interleave(factor, dim=0),
+            kinds={kind: mask.repeat_interleave(factor, dim=0) for kind, mask in inputs.kinds.items()},
+            expand=factor,
+        )
+    inputs.expand = _encoded_expansion(inputs)
+    return inputs
+
+
+def _encoded_expansion(inputs: PrefillInputs) -> int:
     factors = set()
     for kind, columns in inputs.encoded_columns.items():
         visual = inputs.visual.get(kind)

@@ -181,7 +181,7 @@ class StageStack:
                 "runs the prefill (generate() does), or pass the pixels"
             )
         inputs.visual = {kind: state.visual[kind] for kind in inputs.kinds if kind in state.visual}
-        inputs.expand = expansion(inputs)
+        inputs = expansion(inputs, kwargs["inputs_embeds"].shape[0])
         prompt = _Prompt(cache)
         new_kwargs = kwargs
         if self.pre is not None:
