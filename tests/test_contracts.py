@@ -45,9 +45,7 @@ MODES = [
 ]
 POSITIONS = ["compact", "original"]  # the positions kept tokens take (every method has the option)
 
-PRE_LLM = ["fastervlm", "fopru", "random", "uniform", "globalcom2", "hired", "quota"]
 IN_LLM = ["fastv", "pdrop"]
-EXPANDING = ["mode[beams]", "mode[num_return_sequences]"]
 
 # Failures this matrix found that are not fixed yet: (tests, families, methods, reason), strict xfails.
 FOUND = [
@@ -76,7 +74,7 @@ def legacy_transformers() -> bool:
 
 
 def cases(test: str, variants: list[str] | None = None) -> list:
-    """(family, method[, variant]) parameters of ``test``, with the xfail marks of the two tables
+    """(family, method[, variant]) parameters of ``test``, with the xfail marks of ``FOUND``
     (keyed ``test`` or ``test[variant]``)."""
     params = []
     for family in FAMILIES:
