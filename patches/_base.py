@@ -35,7 +35,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from vtprune.engine.generation import continued_cache_patch, placeholder_columns
+from vtprune.engine.generation import continue_pruned_cache, placeholder_columns, refuse_chunked_prefill
 from vtprune.engine.in_llm import InLLMStage
 from vtprune.engine.pre_llm import PreLLMStage
 from vtprune.engine.probe import cls_attention_row, received_attention
@@ -75,24 +75,6 @@ def scatter_kinds(inputs: PrefillInputs, keeps: dict, device) -> torch.Tensor:
     for kind, kind_keep in keeps.items():
         keep = keep.masked_scatter(inputs.kinds[kind].to(device), kind_keep)
     return keep[inputs.visual_mask.to(device)]
-
-
-def refuse_chunked_prefill(generate):
-    """``generate`` wrapped: chunked prefill (``prefill_chunk_size``) is refused before anything runs."""
-
-    @functools.wraps(generate)
-    def wrapper(*args, **kwargs):
-        config = kwargs.get("generation_config") or getattr(generate.__self__, "generation_config", None)
-        chunk = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
-        if chunk is not None:
-            raise NotImplementedError(
-                f"vtprune prunes a prompt in one prefill; generate(prefill_chunk_size={chunk}) splits it into chunks "
-                "that reach the LLM one by one (an image's tokens across several, the images after text already "
-                "cached). Leave prefill_chunk_size unset (None) while the model is patched"
-            )
-        return generate(*args, **kwargs)
-
-    return wrapper
 
 
 class Adapter:
@@ -245,7 +227,8 @@ class Adapter:
             hooks.extend(self.label_cut())
         if callable(getattr(self.model, "generate", None)):
             hooks.append(InstanceMethodPatch(self.model, "generate", refuse_chunked_prefill))
-            hooks.append(continued_cache_patch(self.model, self.stack.removed_tokens))
+            prepare = continue_pruned_cache(self.stack.removed_tokens)
+            hooks.append(InstanceMethodPatch(self.model, "prepare_inputs_for_generation", prepare))
 
     def check_pre_llm(self, method) -> None:
         """Every refusal a pre-LLM method can get from this family, at patch time."""

@@ -1,8 +1,11 @@
 """Where ``generate`` itself must learn that a cache was pruned, and how expanded batches map back.
 
+0. Chunked prefill (``prefill_chunk_size``) is refused before anything runs
+   (:func:`refuse_chunked_prefill`): a prompt is pruned in one prefill.
+
 1. A returned cache continued by a second ``generate``: ``generate`` slices the new input ids by
    ``cache.get_seq_length()``, which counts the *pruned* prompt, so it would feed already-cached
-   tokens again. :func:`continued_cache_patch` wraps the instance's
+   tokens again. :func:`continue_pruned_cache` wraps the instance's
    ``prepare_inputs_for_generation`` and, on the first iteration over a cache vtprune pruned,
    moves the slice by the tokens the cut removed (the unpruned model's rule: every token the
    cache stands for is consumed once).
@@ -26,13 +29,12 @@ import torch
 from vtprune.types import PrefillInputs, TokenSelection
 
 
-def continued_cache_patch(model, removed_tokens: Callable[[object], int]):
-    """``InstanceMethodPatch`` of ``model.prepare_inputs_for_generation``.
+def continue_pruned_cache(removed_tokens: Callable[[object], int]):
+    """A wrapper maker for ``prepare_inputs_for_generation`` (see the module docstring, 1).
 
     removed_tokens(cache) -> how many fewer entries ``cache`` holds than the unpruned prompt
     would (0 for a cache vtprune did not prune).
     """
-    from vtprune.patches import InstanceMethodPatch
 
     def make_wrapper(prepare):
         @functools.wraps(prepare)  # generate() reads its signature (inputs_embeds support)
@@ -51,7 +53,25 @@ def continued_cache_patch(model, removed_tokens: Callable[[object], int]):
 
         return prepare_inputs_for_generation
 
-    return InstanceMethodPatch(model, "prepare_inputs_for_generation", make_wrapper)
+    return make_wrapper
+
+
+def refuse_chunked_prefill(generate):
+    """``generate`` wrapped: chunked prefill (``prefill_chunk_size``) is refused before anything runs."""
+
+    @functools.wraps(generate)
+    def wrapper(*args, **kwargs):
+        config = kwargs.get("generation_config") or getattr(generate.__self__, "generation_config", None)
+        chunk = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+        if chunk is not None:
+            raise NotImplementedError(
+                f"vtprune prunes a prompt in one prefill; generate(prefill_chunk_size={chunk}) splits it into chunks "
+                "that reach the LLM one by one (an image's tokens across several, the images after text already "
+                "cached). Leave prefill_chunk_size unset (None) while the model is patched"
+            )
+        return generate(*args, **kwargs)
+
+    return wrapper
 
 
 def placeholder_columns(encoder_output) -> int:
