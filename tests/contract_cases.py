@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
+from helpers import left_pad, prompt_ids, qwen2_vl_pixels, qwen2_vl_prompt
 
 from vtprune.evals.models import transformers_vlms as vlms
 
@@ -91,7 +92,7 @@ def _with_text(placeholders: torch.Tensor, text=(3, 4), seed=0) -> torch.Tensor:
 
 def _left_padded(samples: list[dict], padded: dict) -> dict:
     """One left-padded batch of ``samples``; ``padded``: the batched non-text inputs."""
-    ids, mask = vlms.left_pad([s["input_ids"][0] for s in samples])
+    ids, mask = left_pad([s["input_ids"][0] for s in samples])
     batch = {"input_ids": ids, "attention_mask": mask, **padded}
     if "mm_token_type_ids" in samples[0]:
         types = torch.zeros_like(ids)
@@ -103,7 +104,7 @@ def _left_padded(samples: list[dict], padded: dict) -> dict:
 
 def llava() -> FamilyCase:
     model = _no_eos(vlms.tiny_llava(seed=1, text=vlms.text_config(layers=LAYERS)))
-    prompts = [vlms.prompt_ids([3, 9], seed=1), vlms.prompt_ids([8, 2], seed=2)]  # 28 and 26 tokens
+    prompts = [prompt_ids([3, 9], seed=1), prompt_ids([8, 2], seed=2)]  # 28 and 26 tokens
     px = _images(2, seed=7)
     samples = [{"input_ids": p[None], "pixel_values": px[i : i + 1]} for i, p in enumerate(prompts)]
     return FamilyCase(model, _left_padded(samples, {"pixel_values": px}), samples, (vlms.IMAGE_TOKEN_ID,))
@@ -153,12 +154,12 @@ def qwen2_vl() -> FamilyCase:
     model = _no_eos(vlms.tiny_qwen2_vl(seed=1, layers=LAYERS))
     samples = []
     for seed, (grid, text) in enumerate([((1, 4, 6), (3, 4)), ((1, 8, 4), (5, 2))]):  # 6 and 8 merged tokens
-        ids, types = vlms.qwen2_vl_prompt(list(text), [grid], seed=seed)
+        ids, types = qwen2_vl_prompt(list(text), [grid], seed=seed)
         samples.append(
             {
                 "input_ids": ids[None],
                 "mm_token_type_ids": types[None],
-                "pixel_values": vlms.qwen2_vl_pixels([grid], seed=seed),
+                "pixel_values": qwen2_vl_pixels([grid], seed=seed),
                 "image_grid_thw": torch.tensor([grid]),
             }
         )

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, build_llava
+from vtprune.evals.models.transformers_vlms import (
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    VIDEO_TOKEN_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    build_llava,
+)
 
 
 def eager_twin(model):
@@ -53,3 +60,61 @@ def pruned_reference_logits(model, input_ids, pixel_values, kept, positions="com
             use_cache=False,
         ).last_hidden_state
         return model.lm_head(hidden)
+
+
+# -- prompts for the tiny config-built models ------------------------------------------------
+
+
+def prompt_ids(text_lengths, num_images=1, tokens_per_image=16, seed=0, vocab=128) -> torch.Tensor:
+    """One prompt: random text tokens with ``num_images`` image blocks spread through it.
+
+    text_lengths: the text runs around the images (len = num_images + 1). Shape (L,).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for index, length in enumerate(text_lengths):
+        parts.append(torch.randint(4, vocab, (length,), generator=generator))
+        if index < num_images:
+            parts.append(torch.full((tokens_per_image,), IMAGE_TOKEN_ID))
+    return torch.cat(parts)
+
+
+def left_pad(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D id tensors into (input_ids, attention_mask)."""
+    length = max(s.numel() for s in sequences)
+    ids = torch.full((len(sequences), length), PAD_TOKEN_ID, dtype=torch.long)
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, length - seq.numel() :] = seq
+        mask[row, length - seq.numel() :] = 1
+    return ids, mask
+
+
+def qwen2_vl_pixels(grid_thw, seed=0, channels=3, patch=4, temporal=2) -> torch.Tensor:
+    """Random flattened patches for a list of (t, h, w) grids, as the Qwen2-VL processor packs them."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(t * h * w for t, h, w in grid_thw)
+    return torch.randn(total, channels * temporal * patch * patch, generator=generator)
+
+
+def qwen2_vl_prompt(text_lengths, grids, kinds=None, merge=2, seed=0, vocab=128):
+    """One Qwen2-VL prompt: text runs around visual blocks <start> tokens <end>.
+
+    grids: (t, h, w) patch grids in order of appearance; kinds: "image" / "video" per grid.
+    Returns (input_ids (L,), mm_token_type_ids (L,)): 0 text, 1 image, 2 video.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    kinds = kinds or ["image"] * len(grids)
+    ids, types = [], []
+    for index, length in enumerate(text_lengths):
+        run = torch.randint(7, vocab, (length,), generator=generator)
+        ids.append(run)
+        types.append(torch.zeros(length, dtype=torch.long))
+        if index < len(grids):
+            t, h, w = grids[index]
+            count = t * h * w // merge**2
+            token = IMAGE_TOKEN_ID if kinds[index] == "image" else VIDEO_TOKEN_ID
+            kind = 1 if kinds[index] == "image" else 2
+            ids += [torch.tensor([VISION_START_ID]), torch.full((count,), token), torch.tensor([VISION_END_ID])]
+            types += [torch.zeros(1, dtype=torch.long), torch.full((count,), kind), torch.zeros(1, dtype=torch.long)]
+    return torch.cat(ids), torch.cat(types)

@@ -8,18 +8,12 @@ import pytest
 import torch
 import transformers
 from conftest import hook_counts
+from helpers import prompt_ids
 from transformers import LlamaForCausalLM, SiglipVisionConfig
 
 import vtprune
 from vtprune import api
-from vtprune.evals.models.transformers_vlms import (
-    build_llava,
-    llava_config,
-    prompt_ids,
-    text_config,
-    tiny_llava,
-    tiny_llava_next,
-)
+from vtprune.evals.models.transformers_vlms import build_llava, llava_config, text_config, tiny_llava, tiny_llava_next
 from vtprune.methods.base import BudgetConfig, Method, top_k_sorted
 from vtprune.methods.fastervlm import FasterVLMConfig
 from vtprune.registry import _METHODS

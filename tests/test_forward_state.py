@@ -10,9 +10,10 @@ import threading
 import accelerate
 import pytest
 import torch
+from helpers import prompt_ids
 
 import vtprune
-from vtprune.evals.models.transformers_vlms import prompt_ids, tiny_llava
+from vtprune.evals.models.transformers_vlms import tiny_llava
 
 N = 16  # visual tokens per image of the tiny model
 

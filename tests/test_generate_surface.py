@@ -8,18 +8,10 @@ the unpatched model's own continuation rule, or losses and byte counts written o
 
 import pytest
 import torch
+from helpers import left_pad, prompt_ids, qwen2_vl_pixels, qwen2_vl_prompt
 
 import vtprune
-from vtprune.evals.models.transformers_vlms import (
-    IMAGE_TOKEN_ID,
-    left_pad,
-    prompt_ids,
-    qwen2_vl_pixels,
-    qwen2_vl_prompt,
-    tiny_llava,
-    tiny_llava_next,
-    tiny_qwen2_vl,
-)
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_next, tiny_qwen2_vl
 
 N = 16  # visual tokens per image of the tiny LLaVA (4 x 4 patches)
 

@@ -11,12 +11,12 @@ import functools
 import pytest
 import torch
 from conftest import hook_counts
-from helpers import eager_twin
+from helpers import eager_twin, left_pad, prompt_ids
 
 import vtprune
 from vtprune.engine.flops import decoder_layer_flops
 from vtprune.engine.probe import last_token_attention
-from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, left_pad, prompt_ids, text_config, tiny_llava
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, text_config, tiny_llava
 from vtprune.patches._backbones import llm_backbone
 
 N = 16  # visual tokens per image of the tiny model

@@ -3,10 +3,11 @@ family shares: tests/test_contracts.py)."""
 
 import pytest
 import torch
+from helpers import left_pad
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import vtprune
-from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, left_pad, tiny_llava_next
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, tiny_llava_next
 from vtprune.patches._anyres import keep_packed
 from vtprune.patches.llava_next import LlavaNextAdapter
 

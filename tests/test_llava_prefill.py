@@ -3,12 +3,12 @@ family shares: tests/test_contracts.py)."""
 
 import pytest
 import torch
-from helpers import eager_cls_attention, pruned_reference_logits
+from helpers import eager_cls_attention, left_pad, prompt_ids, pruned_reference_logits
 
 import vtprune
 from vtprune.engine.flops import llm_prefill_flops
 from vtprune.engine.stages import StageStack
-from vtprune.evals.models.transformers_vlms import left_pad, prompt_ids, tiny_llava
+from vtprune.evals.models.transformers_vlms import tiny_llava
 from vtprune.methods.base import VisualLayout, top_k_sorted
 from vtprune.methods.baselines import uniform_grid_indices
 

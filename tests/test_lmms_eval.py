@@ -258,8 +258,10 @@ def test_lmms_eval_runs_quota_with_the_model_scoring_its_own_images(tmp_path):
 
 
 def test_the_generation_probe_times_a_patched_generate_and_leaves_the_model_as_loaded():
+    from helpers import prompt_ids
+
     from vtprune.evals.lmms.measure import GenerationProbe
-    from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, prompt_ids, tiny_llava
+    from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, tiny_llava
 
     model = tiny_llava()
     probe = GenerationProbe(model, IMAGE_TOKEN_ID)

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import prompt_ids
 
 import vtprune
 from vtprune import presets
-from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, prompt_ids, tiny_llava
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, tiny_llava
 from vtprune.methods.base import BudgetConfig, Method, top_k_sorted
 from vtprune.registry import _METHODS
 

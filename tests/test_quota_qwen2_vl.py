@@ -17,13 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import hook_counts
+from helpers import qwen2_vl_prompt
 from test_qwen2_vl import left_padded_batch
 from test_qwen2_vl import merged as merged_batch
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 import vtprune
-from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, qwen2_vl_prompt, tiny_qwen2_vl
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, tiny_qwen2_vl
 from vtprune.patches.qwen2_vl import frames_from_patches
 
 PATCH, MERGE, TEMPORAL, CHANNELS = 4, 2, 2, 3  # the tiny model's vision config

@@ -10,16 +10,10 @@ import functools
 import pytest
 import torch
 from conftest import hook_counts
+from helpers import left_pad, qwen2_vl_pixels, qwen2_vl_prompt
 
 import vtprune
-from vtprune.evals.models.transformers_vlms import (
-    IMAGE_TOKEN_ID,
-    VIDEO_TOKEN_ID,
-    left_pad,
-    qwen2_vl_pixels,
-    qwen2_vl_prompt,
-    tiny_qwen2_vl,
-)
+from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, tiny_qwen2_vl
 
 IMAGE = [(1, 4, 6)]  # one image: 2 x 3 merged tokens
 VIDEO = [(3, 4, 4)]  # three temporal slices of 2 x 2 merged tokens
