@@ -118,3 +118,13 @@ def qwen2_vl_prompt(text_lengths, grids, kinds=None, merge=2, seed=0, vocab=128)
             ids += [torch.tensor([VISION_START_ID]), torch.full((count,), token), torch.tensor([VISION_END_ID])]
             types += [torch.zeros(1, dtype=torch.long), torch.full((count,), kind), torch.zeros(1, dtype=torch.long)]
     return torch.cat(ids), torch.cat(types)
+
+
+def clip_images(n, seed=0):
+    """(n, 3, 32, 32) random pixels for the tiny 32 px CLIP towers (4 x 4 patches)."""
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def llava_prompt(text=(4, 6), num_images=1, seed=0):
+    """(1, L) one tiny-LLaVA prompt: text runs around ``num_images`` image blocks."""
+    return prompt_ids(list(text), num_images=num_images, seed=seed).unsqueeze(0)

@@ -10,16 +10,12 @@ import threading
 import accelerate
 import pytest
 import torch
-from helpers import prompt_ids
+from helpers import clip_images, prompt_ids
 
 import vtprune
 from vtprune.evals.models.transformers_vlms import tiny_llava
 
 N = 16  # visual tokens per image of the tiny model
-
-
-def images(n, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def prompt(text=(4, 6), seed=0):
@@ -38,7 +34,7 @@ def kept(handle):
 @pytest.mark.parametrize("spec", ["fastervlm:keep_tokens=4", "fopru:keep_tokens=5", "fastv:k=1,keep_tokens=3"])
 def test_two_threads_generating_on_one_model_get_their_own_answers(spec):
     model = tiny_llava(seed=1)
-    cases = [(prompt((4, 6), seed=s), images(1, seed=10 + s)) for s in range(4)]
+    cases = [(prompt((4, 6), seed=s), clip_images(1, seed=10 + s)) for s in range(4)]
     with vtprune.patched(model, spec):
         alone = [generate(model, ids, px) for ids, px in cases]
         results, errors = {}, []
@@ -65,7 +61,7 @@ def test_two_threads_generating_on_one_model_get_their_own_answers(spec):
 
 @pytest.mark.parametrize("spec", ["fastervlm:keep_tokens=4", "fopru:keep_tokens=5"])
 def test_accelerate_cpu_offload_keeps_the_same_tokens_and_generation(spec):
-    ids, px = prompt(seed=3), images(1, seed=3)
+    ids, px = prompt(seed=3), clip_images(1, seed=3)
     reference = tiny_llava(seed=2)
     with vtprune.patched(reference, spec) as handle:
         expected, expected_kept = generate(reference, ids, px), kept(handle)
@@ -79,13 +75,13 @@ def test_a_static_cache_is_refused_at_the_prefill_naming_it():
     model = tiny_llava(seed=1)
     refusal = pytest.raises(NotImplementedError, match="static caches.*StaticCache.*default dynamic cache")
     with vtprune.patched(model, "fastervlm", keep_tokens=4), refusal:
-        generate(model, prompt(), images(1), cache_implementation="static")
+        generate(model, prompt(), clip_images(1), cache_implementation="static")
 
 
 def test_a_text_only_forward_between_prefills_does_not_carry_scores_over():
     """Scores belong to the encoding of the same thread's next prefill; a text forward in between drops them."""
     model = tiny_llava(seed=1)
-    ids, px = prompt(seed=5), images(1, seed=5)
+    ids, px = prompt(seed=5), clip_images(1, seed=5)
     with vtprune.patched(model, "fastervlm", keep_tokens=4) as handle, torch.no_grad():
         encoded = model.model.get_image_features(pixel_values=px)
         model(input_ids=torch.tensor([[5, 6, 7]]))
@@ -98,5 +94,7 @@ def test_chunked_prefill_is_refused_before_generating():
     model = tiny_llava(seed=1)
     refusal = pytest.raises(NotImplementedError, match=r"prefill_chunk_size=8.*Leave prefill_chunk_size unset")
     with vtprune.patched(model, "fastervlm", keep_tokens=4), refusal:
-        generate(model, prompt(), images(1), prefill_chunk_size=8)
-    assert generate(model, prompt(), images(1), prefill_chunk_size=8).shape[1] == prompt().shape[1] + 6  # unpatched
+        generate(model, prompt(), clip_images(1), prefill_chunk_size=8)
+    assert (
+        generate(model, prompt(), clip_images(1), prefill_chunk_size=8).shape[1] == prompt().shape[1] + 6
+    )  # unpatched

@@ -8,7 +8,7 @@ the unpatched model's own continuation rule, or losses and byte counts written o
 
 import pytest
 import torch
-from helpers import left_pad, prompt_ids, qwen2_vl_pixels, qwen2_vl_prompt
+from helpers import clip_images, left_pad, llava_prompt, prompt_ids, qwen2_vl_pixels, qwen2_vl_prompt
 
 import vtprune
 from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_next, tiny_qwen2_vl
@@ -19,14 +19,6 @@ N = 16  # visual tokens per image of the tiny LLaVA (4 x 4 patches)
 @pytest.fixture(scope="module")
 def llava():
     return tiny_llava(seed=1)
-
-
-def images(n, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def single(text=(4, 6), num_images=1, seed=0):
-    return prompt_ids(list(text), num_images=num_images, seed=seed).unsqueeze(0)
 
 
 def hand_pruned_embeds(model, input_ids, pixel_values, kept):
@@ -47,7 +39,7 @@ def hand_pruned_embeds(model, input_ids, pixel_values, kept):
 
 @pytest.mark.parametrize("method", ["fastervlm", "fopru", "uniform"])
 def test_beam_search_keeps_each_samples_tokens_on_every_beam(llava, method):
-    ids, px = single(), images(1)
+    ids, px = llava_prompt(), clip_images(1)
     handle = vtprune.patch(llava, method, keep_tokens=4)
     try:
         with torch.no_grad():
@@ -75,7 +67,7 @@ def test_beam_search_keeps_each_samples_tokens_on_every_beam(llava, method):
 def test_num_return_sequences_expands_a_left_padded_batch(llava):
     rows = [prompt_ids([2, 3], num_images=2, seed=1), prompt_ids([5, 6], num_images=1, seed=2)]
     ids, mask = left_pad(rows)
-    px = images(3, seed=3)
+    px = clip_images(3, seed=3)
     handle = vtprune.patch(llava, "fastervlm", keep_tokens=4)
     try:
         with torch.no_grad():
@@ -155,7 +147,7 @@ def test_beam_search_on_packed_families(family):
     ],
 )
 def test_second_generate_continues_a_returned_cache(llava, spec):
-    ids, px = single(), images(1)
+    ids, px = llava_prompt(), clip_images(1)
 
     def continued():
         with torch.no_grad():
@@ -194,7 +186,7 @@ def test_second_generate_continues_a_returned_cache(llava, spec):
 def test_left_padded_labels_count_the_same_loss_terms_as_each_sample_alone(llava, spec):
     # sample 0 is the longer prompt but loses more (two images): the cut re-aligns it behind padding
     rows = [prompt_ids([2, 2, 2], num_images=2, seed=4), prompt_ids([10, 11], num_images=1, seed=5)]
-    pixels = [images(2, seed=6), images(1, seed=7)]
+    pixels = [clip_images(2, seed=6), clip_images(1, seed=7)]
     ids, mask = left_pad(rows)
     assert ids.shape[1] == rows[0].numel()  # sample 0's first token sits at column 0: never a loss term
 
@@ -230,7 +222,7 @@ def kv_bytes_per_token(model, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_bytes_for_a_pre_llm_method_in_the_models_dtype(dtype):
     model = tiny_llava(seed=1)
-    ids, px = single(), images(1)
+    ids, px = llava_prompt(), clip_images(1)
     handle = vtprune.patch(model, "fastervlm", keep_tokens=4)
     try:
         model.to(dtype)  # after patching: the figures follow the model, not the dtype at patch time
@@ -251,7 +243,7 @@ def test_kv_cache_bytes_for_a_pre_llm_method_in_the_models_dtype(dtype):
 
 
 def test_call_time_vision_feature_layer_is_not_silently_ignored(llava):
-    ids, px = single(), images(1)
+    ids, px = llava_prompt(), clip_images(1)
     with vtprune.patched(llava, "fastervlm", keep_tokens=4) as handle:
         with torch.no_grad():
             llava(input_ids=ids, pixel_values=px, vision_feature_layer=llava.config.vision_feature_layer)
@@ -264,13 +256,13 @@ def test_call_time_vision_feature_layer_is_not_silently_ignored(llava):
 
 
 def test_an_older_cache_continues_after_another_prompt(llava):
-    first_ids, second_ids, px = single(seed=0), single(text=(5, 3), seed=1), images(1)
+    first_ids, second_ids, px = llava_prompt(seed=0), llava_prompt(text=(5, 3), seed=1), clip_images(1)
     with vtprune.patched(llava, "fastervlm", keep_tokens=4), torch.no_grad():
         whole = llava.generate(input_ids=first_ids, pixel_values=px, max_new_tokens=6, do_sample=False)
         first = llava.generate(
             input_ids=first_ids, pixel_values=px, max_new_tokens=3, do_sample=False, return_dict_in_generate=True
         )
-        llava.generate(input_ids=second_ids, pixel_values=images(1, seed=2), max_new_tokens=3, do_sample=False)
+        llava.generate(input_ids=second_ids, pixel_values=clip_images(1, seed=2), max_new_tokens=3, do_sample=False)
         continued = llava.generate(
             input_ids=first.sequences, cache=first.past_key_values, max_new_tokens=3, do_sample=False
         )

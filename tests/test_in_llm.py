@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 from conftest import hook_counts
-from helpers import eager_twin, left_pad, prompt_ids
+from helpers import clip_images, eager_twin, left_pad, prompt_ids
 
 import vtprune
 from vtprune.engine.flops import decoder_layer_flops
@@ -32,10 +32,6 @@ def model_for(model_type: str, attn: str = "sdpa", seed: int = 1):
 @functools.cache
 def twin_of(model_type: str, attn: str = "sdpa", seed: int = 1):
     return eager_twin(model_for(model_type, attn, seed))
-
-
-def images(n, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def merged_embeddings(model, input_ids, pixel_values):
@@ -101,7 +97,7 @@ def sample(seed, text=(4, 6), num_images=1):
 def test_nothing_dropped_is_bit_identical_and_remove_restores(model_type):
     model = model_for(model_type)
     ids, mask = left_pad([sample(1, (3, 9)), sample(2, (8, 2))])
-    px = images(2, seed=3)
+    px = clip_images(2, seed=3)
     run = functools.partial(
         model.generate, input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=4, do_sample=False
     )
@@ -149,7 +145,7 @@ def test_probe_equals_eager_attention_weights(model_type):
     else:
         model, twin = model_for(model_type), twin_of(model_type)
     ids, mask = left_pad([sample(1, (3, 9)), sample(2, (8, 2))])
-    embeds = merged_embeddings(model, ids, images(2))
+    embeds = merged_embeddings(model, ids, clip_images(2))
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     inputs, eager = {}, {}
 
@@ -185,7 +181,7 @@ def test_probe_equals_eager_attention_weights(model_type):
 @pytest.mark.parametrize("model_type", BACKBONES)
 def test_fastv_kept_indices_and_logits_match_eager_reference(model_type, attn):
     model, twin = model_for(model_type, attn), twin_of(model_type, attn)
-    ids, px = sample(5, (5, 7))[None], images(1, seed=5)
+    ids, px = sample(5, (5, 7))[None], clip_images(1, seed=5)
     with vtprune.patched(model, "fastv", k=2, ratio=0.75) as handle, torch.no_grad():
         logits = model(input_ids=ids, pixel_values=px).logits
     _, attentions, visual_at = layerwise(twin, ids, px, cuts={})
@@ -203,7 +199,7 @@ def test_fastv_kept_indices_and_logits_match_eager_reference(model_type, attn):
 @pytest.mark.parametrize("model_type", BACKBONES)
 def test_pdrop_kept_indices_and_logits_match_layerwise_eager_reference(model_type, attn):
     model, twin = model_for(model_type, attn), twin_of(model_type, attn)
-    ids, px = sample(6, (4, 6), num_images=1)[None], images(1, seed=6)
+    ids, px = sample(6, (4, 6), num_images=1)[None], clip_images(1, seed=6)
     with vtprune.patched(model, "pdrop", layers=[1, 2, 3], lam=0.5) as handle, torch.no_grad():
         logits = model(input_ids=ids, pixel_values=px).logits
     cuts = {}
@@ -231,7 +227,7 @@ def test_fractions_of_depth_and_paper_defaults():
     assert int(PDrop(PDropConfig(lam=0.6)).keep_counts(2, torch.tensor([576]))) == int(576 * 0.6**3)
     model = model_for("llama")
     with vtprune.patched(model, "pdrop") as handle, torch.no_grad():  # defaults on 4 layers: 1, 2, 3
-        model(input_ids=sample(1)[None], pixel_values=images(1))
+        model(input_ids=sample(1)[None], pixel_values=clip_images(1))
     assert [s.layer for s in handle.last.stages] == [1, 2, 3]
     assert handle.methods[0].config.positions == "compact"
     assert vtprune.build_methods("fastv")[0].config.positions == "original"
@@ -264,7 +260,7 @@ def test_decode_steps_match_a_no_cache_forward_with_the_same_kept_set(model_type
     every sample equals itself run alone."""
     model, twin = model_for(model_type, attn), twin_of(model_type, attn)
     prompts = [sample(3, (3, 9)), sample(4, (8, 2))]
-    px = images(2, seed=4)
+    px = clip_images(2, seed=4)
     ids, mask = left_pad(prompts)
     with vtprune.patched(model, spec) as handle:
         tokens, step_logits = generate_with_logits(model, input_ids=ids, attention_mask=mask, pixel_values=px)
@@ -292,7 +288,7 @@ def test_decode_steps_match_a_no_cache_forward_with_the_same_kept_set(model_type
 
 def test_manual_decode_with_the_returned_cache_has_per_layer_lengths():
     model, twin = model_for("llama"), twin_of("llama")
-    ids, px = sample(8, (4, 5))[None], images(1, seed=8)
+    ids, px = sample(8, (4, 5))[None], clip_images(1, seed=8)
     with vtprune.patched(model, "pdrop", layers=[1, 3]) as handle, torch.no_grad():
         out = model(input_ids=ids, pixel_values=px, use_cache=True)
         length = ids.shape[1]
@@ -309,7 +305,7 @@ def test_manual_decode_with_the_returned_cache_has_per_layer_lengths():
 def test_batch_with_different_image_counts_and_a_text_only_sample():
     model = model_for("qwen2")
     prompts = [sample(1, (3, 2, 4), num_images=2), sample(2, (6,), num_images=0), sample(3, (2, 5))]
-    px = images(3, seed=9)
+    px = clip_images(3, seed=9)
     ids, mask = left_pad(prompts)
     with vtprune.patched(model, "pdrop", layers=[1, 2], lam=0.5) as handle:
         with torch.no_grad():
@@ -341,7 +337,7 @@ def test_batch_with_different_image_counts_and_a_text_only_sample():
 
 def test_stacked_pre_llm_and_in_llm_stages_use_original_indices():
     model, twin = model_for("mistral"), twin_of("mistral")
-    ids, px = sample(7, (4, 3, 5), num_images=2)[None], images(2, seed=7)
+    ids, px = sample(7, (4, 3, 5), num_images=2)[None], clip_images(2, seed=7)
     spec = [("fastervlm", {"keep_tokens": 6}), ("pdrop", {"layers": [2, 3]})]
     with vtprune.patched(model, spec) as handle, torch.no_grad():
         logits = model(input_ids=ids, pixel_values=px).logits
@@ -368,7 +364,7 @@ def test_stacked_pre_llm_and_in_llm_stages_use_original_indices():
 
 def test_labels_are_cut_by_every_stage():
     model = model_for("llama")
-    ids, px = sample(6, (4, 6))[None], images(1, seed=6)
+    ids, px = sample(6, (4, 6))[None], clip_images(1, seed=6)
     labels = torch.where(ids == IMAGE_TOKEN_ID, -100, ids)
     with vtprune.patched(model, "fastervlm:keep_tokens=8+fastv:keep_tokens=3") as handle, torch.no_grad():
         out = model(input_ids=ids, pixel_values=px, labels=labels)

@@ -3,7 +3,7 @@ family shares: tests/test_contracts.py)."""
 
 import pytest
 import torch
-from helpers import eager_cls_attention, left_pad, prompt_ids, pruned_reference_logits
+from helpers import clip_images, eager_cls_attention, left_pad, llava_prompt, prompt_ids, pruned_reference_logits
 
 import vtprune
 from vtprune.engine.flops import llm_prefill_flops
@@ -20,14 +20,6 @@ def model():
     return tiny_llava(seed=1)
 
 
-def images(n, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def single(text=(4, 6), num_images=1, seed=0):
-    return prompt_ids(list(text), num_images=num_images, seed=seed).unsqueeze(0)
-
-
 def greedy(model, **inputs):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=6, do_sample=False)
@@ -38,7 +30,7 @@ def greedy(model, **inputs):
 def test_fastervlm_scores_and_kept_indices_match_eager_attention(strategy, feature_layer, monkeypatch):
     model = tiny_llava(seed=2, select_strategy=strategy, feature_layer=feature_layer)
     num_tokens = N + (strategy == "full")
-    px = images(3, seed=5)
+    px = clip_images(3, seed=5)
     reference = eager_cls_attention(model, px)  # (3, num_tokens)
     encoded = []  # what each encoding hands the stage stack
     add_visual = StageStack.add_visual
@@ -54,7 +46,7 @@ def test_fastervlm_scores_and_kept_indices_match_eager_attention(strategy, featu
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
 def test_pruned_logits_equal_a_hand_pruned_sequence(model, positions):
-    ids, px = single((5, 7), num_images=2, seed=3), images(2, seed=3)
+    ids, px = llava_prompt((5, 7), num_images=2, seed=3), clip_images(2, seed=3)
     with vtprune.patched(model, "fastervlm", keep_tokens=6, positions=positions) as handle, torch.no_grad():
         logits = model(input_ids=ids, pixel_values=px).logits
     kept = handle.last.stages[0].kept[0]
@@ -70,7 +62,7 @@ def test_batch_with_different_image_counts_and_a_text_only_sample(model):
         prompt_ids([6], num_images=0, seed=2),
         prompt_ids([2, 5], num_images=1, seed=3),
     ]
-    px = images(3, seed=9)
+    px = clip_images(3, seed=9)
     ids, mask = left_pad(prompts)
     with vtprune.patched(model, "fastervlm", keep_tokens=3) as handle:
         tokens = greedy(model, input_ids=ids, attention_mask=mask, pixel_values=px)
@@ -92,7 +84,7 @@ def test_batch_with_different_image_counts_and_a_text_only_sample(model):
 
 def test_decode_steps_do_not_overwrite_the_prefill_record(model):
     with vtprune.patched(model, "fastervlm", keep_tokens=4) as handle:
-        greedy(model, input_ids=single(), pixel_values=images(1))  # 6 decode steps after the prefill
+        greedy(model, input_ids=llava_prompt(), pixel_values=clip_images(1))  # 6 decode steps after the prefill
         assert handle.last.visual_tokens_kept == [4]
 
 
@@ -100,7 +92,7 @@ def test_a_text_only_prompt_gets_its_own_record(model):
     """handle.last describes the last prompt: after a text-only one, no stages and 0 visual tokens."""
     text = torch.tensor([[5, 6, 7]])
     with vtprune.patched(model, "fastervlm", keep_tokens=4) as handle:
-        greedy(model, input_ids=single(), pixel_values=images(1))
+        greedy(model, input_ids=llava_prompt(), pixel_values=clip_images(1))
         assert handle.last.visual_tokens_kept == [4]
         greedy(model, input_ids=text)
         record = handle.last
@@ -111,7 +103,7 @@ def test_a_text_only_prompt_gets_its_own_record(model):
 
 
 def test_manual_decode_with_returned_cache(model):
-    ids, px = single((4, 5), seed=8), images(1, seed=8)
+    ids, px = llava_prompt((4, 5), seed=8), clip_images(1, seed=8)
     with vtprune.patched(model, "fastervlm", keep_tokens=4, positions="original"), torch.no_grad():
         out = model(input_ids=ids, pixel_values=px, use_cache=True)
         assert out.cache.get_seq_length() == ids.shape[1] - N + 4
@@ -125,7 +117,7 @@ def test_manual_decode_with_returned_cache(model):
 def test_half_precision(dtype):
     model = tiny_llava(seed=3).to(dtype)
     ids, mask = left_pad([prompt_ids([3, 9], seed=1), prompt_ids([8, 2], seed=2)])
-    px = images(2).to(dtype)
+    px = clip_images(2).to(dtype)
     with vtprune.patched(model, "fastervlm", keep_tokens=5) as handle:
         tokens = greedy(model, input_ids=ids, attention_mask=mask, pixel_values=px)
         assert tokens.shape == (2, ids.shape[1] + 6)
@@ -138,7 +130,7 @@ def test_half_precision(dtype):
 
 
 def test_labels_are_cut_with_the_sequence(model):
-    ids, px = single((4, 6), seed=6), images(1, seed=6)
+    ids, px = llava_prompt((4, 6), seed=6), clip_images(1, seed=6)
     labels = ids.clone()
     labels[ids == 3] = -100
     with vtprune.patched(model, "fastervlm", keep_tokens=4) as handle, torch.no_grad():
@@ -170,6 +162,6 @@ def test_uniform_and_random_budgets():
     kept = {}
     for seed in (0, 0, 1):
         with vtprune.patched(model, "random", keep_tokens=6, seed=seed) as handle, torch.no_grad():
-            model(input_ids=single(), pixel_values=images(1))
+            model(input_ids=llava_prompt(), pixel_values=clip_images(1))
         kept.setdefault(seed, []).append(handle.last.stages[0].kept[0])
     assert torch.equal(kept[0][0], kept[0][1]) and not torch.equal(kept[0][0], kept[1][0])
