@@ -267,3 +267,17 @@ def test_an_older_cache_continues_after_another_prompt(llava):
             input_ids=first.sequences, cache=first.past_key_values, max_new_tokens=3, do_sample=False
         )
     assert torch.equal(continued, whole[:, : continued.shape[1]])
+
+
+def test_a_selection_is_repeated_onto_every_expanded_row():
+    from vtprune.engine.generation import expand_selection
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        rows, length, expand = (int(torch.randint(1, n, (1,), generator=generator)) for n in (5, 9, 4))
+        visual = torch.rand(rows, length, generator=generator) < 0.5
+        keep = torch.rand(int(visual.sum()), generator=generator) < 0.5
+        # the same keep, written out row by row: scatter into the grid, repeat the rows, read back
+        grid = torch.zeros(rows, length, dtype=torch.bool).masked_scatter(visual, keep)
+        expected = grid.repeat_interleave(expand, dim=0)[visual.repeat_interleave(expand, dim=0)]
+        assert torch.equal(expand_selection(keep, visual, expand), expected)

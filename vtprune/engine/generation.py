@@ -161,8 +161,17 @@ def expand_selection(selection, source_mask: torch.Tensor, expand: int):
 
 
 def _repeat_rows(flat: torch.Tensor, source_mask: torch.Tensor, expand: int) -> torch.Tensor:
-    """(n,) values over the visual columns of ``source_mask`` -> the same over its rows repeated."""
-    grid = torch.zeros(source_mask.shape, dtype=flat.dtype, device=flat.device)
-    grid = grid.masked_scatter(source_mask.to(flat.device), flat)
-    expanded_mask = source_mask.repeat_interleave(expand, dim=0).to(flat.device)
-    return grid.repeat_interleave(expand, dim=0)[expanded_mask]
+    """(n,) values over the visual columns of ``source_mask`` -> the same over its rows repeated.
+
+    Row r's n_r values land ``expand`` times in a row, where its copies sit in the expanded batch;
+    sizes come from shapes, so nothing is read back to the host.
+    """
+    counts = source_mask.to(flat.device).sum(dim=1)  # (B,) visual columns per row
+    count = flat.numel()
+    row = torch.repeat_interleave(torch.arange(len(counts), device=flat.device), counts, output_size=count)
+    starts = (counts.cumsum(dim=0) - counts)[row]  # (n,) where each value's row starts
+    within = torch.arange(count, device=flat.device) - starts
+    copies = torch.arange(expand, device=flat.device)[None, :] * counts[row][:, None]  # (n, E)
+    destination = (starts * expand + within)[:, None] + copies
+    out = flat.new_empty(count * expand)
+    return out.scatter_(0, destination.flatten(), flat[:, None].expand(count, expand).flatten())
