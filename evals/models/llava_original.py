@@ -74,17 +74,11 @@ def llava_original_config(
     from llava.model import LlavaConfig
     from transformers import CLIPVisionConfig
 
+    from vtprune.evals.models.transformers_vlms import decoder_options
+
     vision = CLIPVisionConfig.from_pretrained(tower_path)
     options = dict(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        pad_token_id=PAD_TOKEN_ID,
-        tie_word_embeddings=False,
+        **decoder_options(hidden, layers, heads, kv_heads, intermediate, vocab),
         mm_vision_tower=tower_path,
         mm_hidden_size=vision.hidden_size,
         mm_projector_type=projector,

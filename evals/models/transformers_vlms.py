@@ -13,12 +13,9 @@ IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
 
 
-def text_config(model_type="llama", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=128):
-    """A small decoder config of the given family (llama, mistral, qwen2)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(
-        model_type,
+def decoder_options(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=128) -> dict:
+    """The config fields of a small Llama-style decoder (shared with the original-LLaVA builder)."""
+    return dict(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -29,6 +26,13 @@ def text_config(model_type="llama", hidden=64, layers=2, heads=4, kv_heads=2, in
         pad_token_id=PAD_TOKEN_ID,
         tie_word_embeddings=False,
     )
+
+
+def text_config(model_type="llama", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=128):
+    """A small decoder config of the given family (llama, mistral, qwen2)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **decoder_options(hidden, layers, heads, kv_heads, intermediate, vocab))
 
 
 def clip_vision_config(image_size=32, patch_size=8, hidden=32, layers=3, heads=4) -> CLIPVisionConfig:
