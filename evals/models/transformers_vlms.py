@@ -265,3 +265,63 @@ def _build_onevision(vision, text, seed: int, attn_implementation: str, **config
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     return model
+
+
+# -- InternVL (HF-native) and LLaVA-NeXT-Video (issue 12) ------------------------------------------
+def tiny_internvl(seed: int = 0, attn_implementation="sdpa", layers=2, vision_layers=3, use_qk_norm=False):
+    """A few-layer HF-native InternVL: 32 px InternViT tiles (8 x 8 patches of 4 px, [CLS]), pixel shuffle
+    0.5 (16 tokens per tile), a Qwen2 decoder. Images are tiles; the processor's ``<img>`` / ``</img>``
+    around each image's tokens are ``VISION_START_ID`` / ``VISION_END_ID`` here."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+
+    vision = InternVLVisionConfig(
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=4,
+        use_qk_norm=use_qk_norm,
+        norm_type="rms_norm" if use_qk_norm else "layer_norm",
+    )
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text_config("qwen2", layers=layers),
+        image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=16,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
+def tiny_llava_next_video(seed: int = 0, attn_implementation="sdpa", layers=2, pool_mode="average"):
+    """A few-layer LLaVA-NeXT-Video: the tiny LLaVA-NeXT's 32 px CLIP tower (4 x 4 patches) and AnyRes crops
+    for images; video frames pooled 2 x 2 (``pool_mode``) to 2 x 2 tokens each; a Llama decoder."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    base = llava_config(text=text_config(layers=layers), attn_implementation=attn_implementation)
+    config = LlavaNextVideoConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=VIDEO_TOKEN_ID,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode=pool_mode,
+        spatial_pool_stride=2,
+        image_seq_length=16,
+        video_seq_length=4,
+    )
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
