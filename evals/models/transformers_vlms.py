@@ -325,3 +325,98 @@ def tiny_llava_next_video(seed: int = 0, attn_implementation="sdpa", layers=2, p
     model = LlavaNextVideoForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     return model
+
+
+# -- Qwen2.5-VL and Qwen3-VL (issue 12) ------------------------------------------------------------
+def _qwen_text(hidden: int, layers: int, heads: int = 4, vocab: int = 128, interleaved: bool = False, **extra):
+    """The text config fields of a few-layer Qwen-VL decoder (M-RoPE sections summing to head_dim / 2)."""
+    head_dim = hidden // heads
+    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    if interleaved:
+        rope["mrope_interleaved"] = True
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters=rope,
+        pad_token_id=PAD_TOKEN_ID,
+        **extra,
+    )
+
+
+def _qwen_tokens() -> dict:
+    return dict(
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+    )
+
+
+def _build_qwen(model_class, config, seed: int, attn_implementation: str):
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def tiny_qwen2_5_vl(seed: int = 0, attn_implementation="sdpa", layers=4, hidden=64, vocab=128):
+    """A few-layer Qwen2.5-VL: 4 px patches, 2 x 2 merge, temporal patch 2; ViT block 0 attends in
+    windows of 2 x 2 merged tokens (``window_size`` 16 px), block 1 over the whole frame
+    (``fullatt_block_indexes`` [1]); 2 video tokens per second of ``second_per_grid_ts``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            window_size=16,
+            fullatt_block_indexes=[1],
+            tokens_per_second=2,
+            out_hidden_size=hidden,
+        ),
+        text_config=_qwen_text(hidden, layers, vocab=vocab, bos_token_id=1, eos_token_id=2),
+        **_qwen_tokens(),
+    )
+    return _build_qwen(Qwen2_5_VLForConditionalGeneration, config, seed, attn_implementation)
+
+
+def tiny_qwen3_vl(seed: int = 0, attn_implementation="sdpa", layers=4, hidden=64, vocab=128, moe=False):
+    """A few-layer Qwen3-VL (``moe``: Qwen3-VL-MoE, 4 experts, 2 per token): 4 px patches, 2 x 2 merge,
+    a learned 4 x 4 position table, 3 ViT blocks whose outputs all feed deepstack (added after LLM layers
+    0, 1 and 2), a Qwen3 decoder (q/k norms) with interleaved M-RoPE."""
+    import transformers
+
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0, 1, 2],
+        out_hidden_size=hidden,
+    )
+    text = _qwen_text(hidden, layers, vocab=vocab, interleaved=True, head_dim=hidden // 4)
+    if moe:
+        text |= dict(moe_intermediate_size=hidden, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    prefix = "Qwen3VLMoe" if moe else "Qwen3VL"
+    config = getattr(transformers, f"{prefix}Config")(vision_config=vision, text_config=text, **_qwen_tokens())
+    return _build_qwen(getattr(transformers, f"{prefix}ForConditionalGeneration"), config, seed, attn_implementation)
