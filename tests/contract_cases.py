@@ -200,12 +200,30 @@ def llava_original() -> FamilyCase:
     )
 
 
+def _tiled_samples(tiles: list[int], seed: int) -> list[dict]:
+    """InternVL: one image per sample, ``tiles[i]`` tiles (crops then the thumbnail; 1: a lone tile)."""
+    samples = []
+    for index, count in enumerate(tiles):
+        run = [vlms.VISION_START_ID] + [vlms.IMAGE_TOKEN_ID] * (16 * count) + [vlms.VISION_END_ID]
+        ids = _with_text(torch.tensor(run), (3 + 4 * index, 2), seed + index)
+        samples.append({"input_ids": ids[None], "pixel_values": _images(count, seed + index)})
+    return samples
+
+
+def internvl() -> FamilyCase:
+    model = _no_eos(vlms.tiny_internvl(seed=2, layers=LAYERS))
+    samples = _tiled_samples([3, 1], seed=11)  # 2 crops + thumbnail (48 tokens), a lone tile (16)
+    padded = {"pixel_values": torch.cat([s["pixel_values"] for s in samples])}
+    return FamilyCase(model, _left_padded(samples, padded), samples, (vlms.IMAGE_TOKEN_ID,))
+
+
 FAMILIES = {
     "llava": llava,
     "llava_next": llava_next,
     "llava_onevision": llava_onevision,
     "qwen2_vl": qwen2_vl,
     "llava_original": llava_original,
+    "internvl": internvl,
 }
 
 
