@@ -40,8 +40,10 @@ What this adapter does (hooks and instance-method wrappers on this model only, a
   and the scorer sees its pixels (the first frame of each temporal pair, :func:`frames_from_patches`).
   The kept frames' resized grids fill the item's first placeholders, the rest are dropped, and
   the engine writes their M-RoPE positions (frame i, grid (h', w'): (s + i, s + r, s + c), s the
-  item's first value) and moves the text after the item to s + its larger new side, as
-  ``get_rope_index`` would; "compact" then closes the unused values. ``rope_deltas`` stay the
+  item's first value; the temporal value s + i is read off the model's own positions at the frame's
+  first column, so a family whose frames step by more than 1, Qwen2.5-VL's video, keeps its step)
+  and moves the text after the item to s + its larger new side, as ``get_rope_index`` would;
+  "compact" then closes the unused values. ``rope_deltas`` stay the
   unpruned prompt's (also when the scorer runs this model itself).
 
 ``handle.last`` counts visual tokens (image and video) in order of appearance.
@@ -62,16 +64,20 @@ from vtprune.types import VisualInputs, VisualLayout
 
 
 class Qwen2VLBackbone(LlamaStyleBackbone):
-    """``Qwen2VLTextModel``: a Llama-style stack with M-RoPE.
+    """``Qwen2VLTextModel`` (and the Qwen2.5-VL / Qwen3-VL text models): a Llama-style stack with M-RoPE.
 
     The rotary module takes the (3, B, T) M-RoPE rows; decoder layers and mask builders get the
     1-D text row of a (4, B, T) input, else None (what ``Qwen2VLTextModel.forward`` passes them).
     """
 
-    def __init__(self, language_model: torch.nn.Module):  # the checks of the parent, for this family
+    def __init__(self, language_model: torch.nn.Module, model_type: str = "qwen2_vl_text"):
+        """The checks of the parent, for a family's text model (``model_type``: its config's)."""
         config = language_model.config
-        if config.model_type != "qwen2_vl_text":
-            raise TypeError(f"Qwen2VLBackbone expects a Qwen2VLTextModel, got {type(language_model).__name__}")
+        if config.model_type != model_type:
+            raise TypeError(
+                f"Qwen2VLBackbone expects a decoder stack with model_type={model_type!r}, got "
+                f"{type(language_model).__name__} (model_type={config.model_type!r})"
+            )
         self.model = language_model
         self.config = config
         self.model_type = config.model_type
@@ -149,7 +155,7 @@ class Qwen2VLAdapter(Adapter):
         return False
 
     def backbone(self):
-        return Qwen2VLBackbone(self.language_model)
+        return Qwen2VLBackbone(self.language_model, f"{self.config.model_type}_text")
 
     def visual_inputs(self, kind, arguments, scores) -> VisualInputs:
         grids = arguments[f"{kind}_grid_thw"]
@@ -187,8 +193,10 @@ class Qwen2VLAdapter(Adapter):
         (t * h/2 * w/2 unpruned tokens, or ``keep_ratio`` / ``budget_tokens`` of them). The kept
         frames' resized grids fill the item's first columns, in order; its other columns are
         dropped. Frame i (its temporal index in the item) with resized grid (h', w') gets the
-        positions (s + i, s + r, s + c), r < h', c < w', s = the item's first position value (as
-        ``get_rope_index`` numbers an item). The question is one per sample (``query``).
+        positions (s_i, s + r, s + c), r < h', c < w', s = the item's first position value and s_i the
+        temporal value the model gave frame i (its first column's; s + i in Qwen2-VL, s + i x the
+        time step in Qwen2.5-VL's video), as ``get_rope_index`` numbers an item. The question is one
+        per sample (``query``).
         """
         merge = self.merge
         vision = self.config.vision_config
@@ -198,11 +206,12 @@ class Qwen2VLAdapter(Adapter):
             embeds, positions = inputs.inputs_embeds, inputs.position_ids
             if positions is None or positions.dim() != 3:
                 raise NotImplementedError("quota on Qwen2-VL needs the model's M-RoPE position ids (3 or 4 rows)")
-            starts = positions[-3:][0].expand(embeds.shape[:2]).reshape(-1)  # (B * L,) s at an item's first column
+            temporal = positions[-3:][0].expand(embeds.shape[:2]).reshape(-1)  # (B * L,) temporal values
             questions = method.queries(embeds.shape[0])
             visual = inputs.visual_mask.to(device)
             rank = visual.flatten().long().cumsum(0) - 1  # flat column -> its index among the visual columns
-            sets = []
+            visual_columns = visual.flatten().nonzero().flatten()  # index among the visual columns -> flat column
+            sets, frame_times = [], {}
             for kind, info in inputs.visual.items():  # a few images / videos per batch
                 columns = inputs.kinds[kind].to(device).flatten().nonzero().flatten()  # flat (B * L) index
                 counts = [t * (h // merge) * (w // merge) for t, h, w in info.grids]
@@ -218,12 +227,16 @@ class Qwen2VLAdapter(Adapter):
                     frame_starts = [first + index * grid[0] * grid[1] for index in range(t)]
                     question = questions[column // embeds.shape[1]]
                     sets.append(FrameSet(frames, frame_starts, grid, question, origin=column))
+                    frame_times[column] = temporal[visual_columns[torch.tensor(frame_starts, device=device)]]
             sets.sort(key=lambda frame_set: frame_set.origin)  # values and positions in column order
             rope_deltas = self.base.rope_deltas  # a scorer that runs this model (suspended) resets them
             selection, plans = plan_frame_sets(method, sets, embeds[visual])
             self.base.rope_deltas = rope_deltas
             if selection.keep is not None:
-                rows = [frame_positions(plan.grids, starts[frame_set.origin]) for frame_set, plan in zip(sets, plans)]
+                rows = [
+                    frame_positions(plan.grids, frame_times[frame_set.origin], temporal[frame_set.origin])
+                    for frame_set, plan in zip(sets, plans, strict=True)
+                ]
                 selection.positions = torch.cat(rows, dim=1)
             return selection
 
@@ -301,13 +314,15 @@ def frames_from_patches(
     return x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(t, channels, h * patch, w * patch)
 
 
-def frame_positions(grids: list, start: torch.Tensor) -> torch.Tensor:
+def frame_positions(grids: list, times: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """(3, sum h' * w') M-RoPE rows of an item's resized frames: frame i (None: dropped) with grid
-    (h', w') gets (start + i, start + r, start + c) in raster order; start: a 0-d long tensor."""
+    (h', w') gets (times[i], start + r, start + c) in raster order; times: (frames,) the temporal
+    value the model gave each frame; start: a 0-d long tensor, the item's first value."""
     parts = []
     for index, grid in enumerate(grids):  # a few dozen frames
         if grid is None:
             continue
         r, c = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-        parts.append(torch.stack([torch.full_like(r, index), r, c]).flatten(1))
-    return torch.cat(parts, dim=1).to(start.device) + start
+        spatial = torch.stack([r, c]).flatten(1).to(start.device) + start
+        parts.append(torch.cat([times[index].expand(1, spatial.shape[1]), spatial]))
+    return torch.cat(parts, dim=1)

@@ -151,7 +151,24 @@ def llava_onevision() -> FamilyCase:
 
 
 def qwen2_vl() -> FamilyCase:
-    model = _no_eos(vlms.tiny_qwen2_vl(seed=1, layers=LAYERS))
+    return _qwen_vl_case(vlms.tiny_qwen2_vl(seed=1, layers=LAYERS))
+
+
+def qwen2_5_vl() -> FamilyCase:
+    return _qwen_vl_case(vlms.tiny_qwen2_5_vl(seed=1, layers=LAYERS))  # (1, 4, 6): two windows, one partial
+
+
+def qwen3_vl() -> FamilyCase:
+    return _qwen_vl_case(vlms.tiny_qwen3_vl(seed=1, layers=LAYERS))
+
+
+def qwen3_vl_moe() -> FamilyCase:
+    return _qwen_vl_case(vlms.tiny_qwen3_vl(seed=1, layers=LAYERS, moe=True))
+
+
+def _qwen_vl_case(model) -> FamilyCase:
+    """A Qwen-VL family's case: one image per sample, 2 x 3 and 4 x 2 merged tokens."""
+    model = _no_eos(model)
     samples = []
     for seed, (grid, text) in enumerate([((1, 4, 6), (3, 4)), ((1, 8, 4), (5, 2))]):  # 6 and 8 merged tokens
         ids, types = qwen2_vl_prompt(list(text), [grid], seed=seed)
@@ -222,6 +239,9 @@ FAMILIES = {
     "llava_next": llava_next,
     "llava_onevision": llava_onevision,
     "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+    "qwen3_vl": qwen3_vl,
+    "qwen3_vl_moe": qwen3_vl_moe,
     "llava_original": llava_original,
     "internvl": internvl,
 }
@@ -262,5 +282,10 @@ METHODS = {
         small={"scorer": pixel_scorer, "query": "What is shown?", "keep_ratio": 0.5},
         keep_all={"scorer": constant_scorer, "query": "What is shown?", "keep_ratio": 1.0},
         no_keep_all={"llava_onevision": "an image's frame is its base view: its AnyRes crops are always dropped"},
+    ),
+    "visionzip": MethodCase(
+        small={"keep_ratio": 0.5},
+        keep_all={"keep_ratio": 1.0},
+        no_keep_all=dict.fromkeys(FAMILIES, "[CLS] joins the tokens and the rest is merged: never the unpruned image"),
     ),
 }
