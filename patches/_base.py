@@ -38,14 +38,14 @@ import torch
 from vtprune.engine.generation import continue_pruned_cache, placeholder_columns, refuse_chunked_prefill
 from vtprune.engine.in_llm import InLLMStage
 from vtprune.engine.pre_llm import PreLLMStage
-from vtprune.engine.probe import cls_attention_row, received_attention
+from vtprune.engine.probe import cls_attention_row, head_mean_keys, received_attention
 from vtprune.engine.stages import StageStack
 from vtprune.methods.base import BudgetConfig
 from vtprune.patches import InstanceMethodPatch
 from vtprune.patches._backbones import llm_backbone
 from vtprune.types import PrefillInputs, VisualInputs, VisualLayout
 
-PROBES = {"cls": cls_attention_row, "received": received_attention}
+PROBES = {"cls": cls_attention_row, "received": received_attention, "keys": head_mean_keys}
 
 
 class VisualKind(NamedTuple):
@@ -154,12 +154,12 @@ class Adapter:
         embeddings = getattr(getattr(self.vision_tower, "vision_model", self.vision_tower), "embeddings", None)
         return hasattr(embeddings, "class_embedding")
 
-    def feature_attention(self) -> torch.nn.Module:
-        """The attention module of the vision layer whose output feeds the projector.
+    def feature_layer(self) -> torch.nn.Module:
+        """The vision encoder layer whose output feeds the projector.
 
         ``vision_feature_layer`` indexes ``hidden_states`` (entry 0 = embeddings, entry i = output
-        of encoder layer i - 1), so the attention is that of encoder layer
-        ``(vision_feature_layer mod (L + 1)) - 1``; with a list of feature layers the deepest one.
+        of encoder layer i - 1), so it is encoder layer ``(vision_feature_layer mod (L + 1)) - 1``;
+        with a list of feature layers the deepest one.
         """
         layers = self.vision_layers()
         feature_layer = self.vision_feature_layer
@@ -167,16 +167,25 @@ class Adapter:
         hidden_index = max(i % (len(layers) + 1) for i in indices)
         if hidden_index == 0:
             raise ValueError("vision_feature_layer selects the patch embeddings; there is no attention to score")
-        return self.layer_attention(layers[hidden_index - 1])
+        return layers[hidden_index - 1]
 
-    def vision_attention(self, layer) -> torch.nn.Module:
-        """``"feature"`` or an encoder layer index -> that layer's attention module."""
+    def vision_layer(self, layer) -> torch.nn.Module:
+        """``"feature"`` or an encoder layer index -> that encoder layer."""
         if layer == "feature":
-            return self.feature_attention()
+            return self.feature_layer()
         layers = self.vision_layers()
         if not -len(layers) <= layer < len(layers):
             raise ValueError(f"vision layer {layer} is outside the tower's {len(layers)} layers")
-        return self.layer_attention(layers[layer])
+        return layers[layer]
+
+    def vision_attention(self, layer) -> torch.nn.Module:
+        """``"feature"`` or an encoder layer index -> that layer's attention module."""
+        return self.layer_attention(self.vision_layer(layer))
+
+    def projector(self) -> torch.nn.Module | None:
+        """The module that maps vision features into the LLM (what a merge of vision features is
+        projected with), or None where the family does not say."""
+        return getattr(self.base, "multi_modal_projector", None)
 
     def backbone(self):
         """The decoder stack's helper for in-LLM stages (unsupported LLMs fail here, at patch time)."""
@@ -221,7 +230,12 @@ class Adapter:
             self.probes_feature_layer = any(layer == "feature" for _, layer in pre[0].vision_probes().values())
             hooks.extend(self.feature_wrappers())
             for name, (kind, layer) in pre[0].vision_probes().items():
-                hooks.extend(self.probe_hooks(name, kind, self.vision_attention(layer)))
+                if kind == "hidden":  # the layer's output, every token (VisionZip merges vision features)
+                    hooks.append(self.vision_layer(layer).register_forward_hook(self._hidden_probe(name)))
+                else:
+                    hooks.extend(self.probe_hooks(name, kind, self.vision_attention(layer)))
+            if getattr(pre[0], "needs_projector", False):
+                pre[0].projector = self.projector()
         hooks.extend(self.stack.llm_hooks(self.language_model))
         if self.base is not self.model:
             hooks.extend(self.label_cut())
@@ -247,6 +261,16 @@ class Adapter:
             )
         for _, layer in method.vision_probes().values():
             self.vision_attention(layer)  # a layer outside the tower fails now
+        if getattr(method, "merges", False) and self.has_crops:
+            raise ValueError(
+                f"method {method.name!r} merges the tokens of single-resolution images; {type(self.model).__name__} "
+                "packs high-resolution (AnyRes) crops, which it does not merge yet"
+            )
+        if getattr(method, "needs_projector", False) and self.projector() is None:
+            raise ValueError(
+                f"method {method.name!r} merges vision features before the projector; the {self.family} adapter "
+                "does not say which module projects them"
+            )
         if method.multi_crop_only and not self.has_crops:
             raise ValueError(
                 f"method {method.name!r} splits a budget across the crops of high-resolution (AnyRes) images; "
@@ -363,6 +387,15 @@ class Adapter:
             attention.k_proj.register_forward_hook(capture("k")),
             attention.register_forward_hook(score),
         ]
+
+    def _hidden_probe(self, name: str):
+        """A forward hook on a vision encoder layer: its output hidden states, every token, to the stack."""
+        stack = self.stack
+
+        def hook(module, args, output):
+            stack.add_scores(name, output[0] if isinstance(output, tuple) else output)
+
+        return hook
 
     # -- labels ---------------------------------------------------------------------------------
     def label_cut(self) -> list:

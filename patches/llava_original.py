@@ -71,7 +71,7 @@ from vtprune.patches import InstanceMethodPatch, register_adapter
 from vtprune.patches._anyres import anyres_image, select_packed
 from vtprune.patches._backbones import LlamaStyleBackbone
 from vtprune.patches._base import Adapter
-from vtprune.types import AnyResImage, PrefillInputs, VisualInputs
+from vtprune.types import AnyResImage, PrefillInputs, TokenSelection, VisualInputs
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
 IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX: the label of image and padding columns
@@ -339,6 +339,9 @@ class LlavaOriginalAdapter(Adapter):
     def backbone(self):
         return LegacyLlamaBackbone(self.base) if self.legacy else LlavaLlamaBackbone(self.base)
 
+    def projector(self) -> torch.nn.Module:
+        return self.base.mm_projector
+
     def selector(self, method, layout):
         """One fixed layout per image, as for LLaVA-1.5, or per-image AnyRes selection when the
         prefill packs crops; images the package encodes but does not splice (the one it consumes
@@ -358,7 +361,7 @@ class LlavaOriginalAdapter(Adapter):
                     "single-resolution (a 4-D tensor): pass a list of crop stacks with image_sizes"
                 )
             keep = flat(inputs, device)
-            if keep is None or images.spliced is None:
+            if keep is None or images.spliced is None or isinstance(keep, TokenSelection):  # a merge: spliced only
                 return keep
             return keep.view(images.count, -1)[images.spliced.to(device)].flatten()
 

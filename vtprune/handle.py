@@ -22,11 +22,16 @@ class Stage:
     layer: -1 before the LLM, else the first decoder layer that sees the reduced set.
     kept: one sorted 1-D LongTensor per sample, indexing that sample's visual tokens in their
     original order (several images: concatenated in order of appearance).
+    merged: None for a plain selection (each kept token is itself); for a merge method, one 1-D
+    LongTensor per sample: for each of its visual tokens, the position in ``kept`` of the token
+    that carries it (its merge group), -1 where none does. A merge method's tokens fill the first
+    columns of each image block (``kept`` are those columns; ``merged`` says what each holds).
     """
 
     name: str
     layer: int
     kept: list[torch.Tensor]
+    merged: list[torch.Tensor] | None = None
 
 
 class PruneRecord:
@@ -77,7 +82,9 @@ class PruneRecord:
         stages = []
         if self._pre is not None:
             name, result = self._pre
-            stages.append(Stage(name=name, layer=-1, kept=[row[row >= 0] for row in result.kept_index.cpu()]))
+            kept = [row[row >= 0] for row in result.kept_index.cpu()]
+            merged = [row[row >= -1] for row in result.merged.cpu()] if result.merged is not None else None
+            stages.append(Stage(name=name, layer=-1, kept=kept, merged=merged))
         if self._llm is not None:
             name, result = self._llm
             for cut in result.cuts:

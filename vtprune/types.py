@@ -8,7 +8,8 @@
   side produced (:class:`VisualInputs`: probe scores, pixels, packing maps, grids).
 - Selections: a selector's answer. A bool keep mask over the batch's visual columns (a *select*
   method), or a :class:`TokenSelection` that also rewrites the values of kept columns (a *merge*
-  method: QuoTA's resized frames; VisionZip's contextual tokens, SparseVLM's recycled tokens).
+  method: QuoTA's resized frames; VisionZip's dominant and contextual tokens, PruMerge+'s merged
+  tokens, pooled grids), and may say which visual tokens each kept column carries (its merge map).
 
 No transformers class appears here; see docs/architecture.md for the protocol.
 """
@@ -117,6 +118,13 @@ class TokenSelection:
     keep every column. replace: flat bool over the visual columns whose embedding is overwritten
     (a subset of keep); values: (replace.sum(), D) the new embeddings, in column order.
     stats: method figures for ``handle.last.extra`` (e.g. ``scoring_seconds``).
+    merged_into: None, or a flat long over the visual columns: for each visual token, the flat index
+    (among the batch's visual columns) of the kept column whose value carries it, -1 where none does
+    (published per sample as ``handle.last.stages[0].merged``). A merge method that emits a different
+    number of tokens than it keeps slots for writes its tokens into the kept slots in the order its
+    official code lays them out: under ``positions="compact"`` only the number of kept columns of an
+    image block sets the positions, so the sequence is the official one (VisionZip's
+    [dominant; contextual] block takes the first columns of the image block).
     positions: None, or (3, replace.sum()) long M-RoPE rows (temporal, height, width) of the
     replaced columns, in column order, in the unpruned prompt's numbering; the cut writes them
     into the last three rows of the position ids (a 4-row input's 1-D text row is untouched) and
@@ -129,3 +137,20 @@ class TokenSelection:
     values: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
     positions: torch.Tensor | None = None
+    merged_into: torch.Tensor | None = None
+
+
+@dataclass
+class MergedTokens:
+    """A merge method's answer for ``n`` images of one fixed layout of N tokens.
+
+    values: (n, K, D) the tokens each image sends to the LLM, in LLM space and in the order its
+    official code lays them out; counts: None (every image sends K), or (n,) long, how many of its
+    K rows each image sends; sources: (n, N) long, for each of the image's N visual tokens the row
+    of ``values`` that carries it, -1 where none does. The engine writes an image's tokens into the
+    first of its columns and drops the rest (:func:`vtprune.engine.pre_llm.merged_selection`).
+    """
+
+    values: torch.Tensor
+    sources: torch.Tensor
+    counts: torch.Tensor | None = None

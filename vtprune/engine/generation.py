@@ -157,6 +157,14 @@ def expand_selection(selection, source_mask: torch.Tensor, expand: int):
         index = _repeat_rows(rank, source_mask, expand)[repeated.replace]
         repeated.values = selection.values[index] if selection.values is not None else None
         repeated.positions = selection.positions[:, index] if selection.positions is not None else None
+    if selection.merged_into is not None:  # carried as an offset within the row, which every copy keeps
+        count = selection.merged_into.numel()
+        none = count + 1  # no offset reaches it
+        into = selection.merged_into
+        offset = torch.where(into >= 0, into - torch.arange(count, device=into.device), none)
+        offset = _repeat_rows(offset, source_mask, expand)
+        target = torch.arange(offset.numel(), device=offset.device) + offset
+        repeated.merged_into = torch.where(offset != none, target, -1)
     return repeated
 
 

@@ -30,7 +30,7 @@ from vtprune.engine.positions import check_positions, cut_positions, expand_posi
 from vtprune.engine.prompt import decode_step, padding_mask
 from vtprune.engine.sequence import SequenceCut, plan_cut
 from vtprune.methods.base import Method
-from vtprune.types import PrefillInputs, TokenSelection, VisualLayout
+from vtprune.types import MergedTokens, PrefillInputs, TokenSelection, VisualLayout
 
 
 @dataclass
@@ -53,6 +53,9 @@ class PrefillResult:
     real_tokens_after: torch.Tensor  # (B,)
     extra: dict = field(default_factory=dict)  # method figures (TokenSelection.stats)
     prompt: PrunedPrompt | None = None  # None when nothing was cut
+    # (B, L) merge map: at a visual column, the index among its sample's kept visual tokens of the one that
+    # carries it (-1: none); -2 at the other columns. None: a plain selection (a kept token carries itself)
+    merged: torch.Tensor | None = None
 
 
 def visual_index(image_mask: torch.Tensor) -> torch.Tensor:
@@ -60,12 +63,54 @@ def visual_index(image_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(image_mask, image_mask.long().cumsum(dim=1) - 1, -1)
 
 
+def visual_rows(values: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, L, ...) values and a (B, L) mask with ``count`` True columns -> (count, ...) the values of
+    those columns in (row, column) order, without reading the mask back to the host."""
+    order = (~mask.flatten()).to(torch.uint8).argsort(stable=True)[:count]
+    return values.flatten(0, 1)[order]
+
+
+def merged_selection(merged: MergedTokens, num_columns: int) -> TokenSelection:
+    """Images of ``num_columns`` columns each and their merged tokens -> the flat merge-form answer:
+    each image's tokens written into its first columns, its other columns dropped."""
+    num_images, rows, width = merged.values.shape
+    if rows > num_columns:
+        raise ValueError(f"a merge sends {rows} tokens per image, more than its {num_columns} columns")
+    device = merged.values.device
+    counts = merged.counts if merged.counts is not None else torch.full((num_images,), rows, device=device)
+    keep = torch.arange(num_columns, device=device) < counts.to(device)[:, None]
+    values = merged.values.new_zeros(num_images, num_columns, width)
+    values[:, :rows] = merged.values
+    first = torch.arange(num_images, device=device)[:, None] * num_columns
+    sources = merged.sources.to(device)
+    into = torch.where(sources >= 0, sources + first, -1)
+    return TokenSelection(
+        keep.flatten(), replace=torch.ones_like(keep).flatten(), values=values.flatten(0, 1), merged_into=into.flatten()
+    )
+
+
 def fixed_layout_selector(method: Method, layout: VisualLayout):
     """Token selection for models whose images all have the same layout (LLaVA-1.5).
 
     Returns ``select(inputs, device)``: a flat bool over all image tokens of the batch (images
-    in order), or None when the method keeps everything.
+    in order), or None when the method keeps everything; for a merge method (``merges = True``)
+    the :class:`~vtprune.types.TokenSelection` of its :class:`~vtprune.types.MergedTokens`, over
+    the images the prompt splices in.
     """
+    if getattr(method, "merges", False):
+
+        def merge(inputs: PrefillInputs, device) -> TokenSelection:
+            images = inputs.visual["image"]
+            scores, count = images.scores, images.count
+            if images.spliced is not None:  # encoded but not in the prompt (the original LLaVA package)
+                scores = {name: value[images.spliced.to(value.device)] for name, value in scores.items()}
+                count = int(images.spliced.sum())
+            columns = count * layout.num_tokens
+            embeds = visual_rows(inputs.inputs_embeds, inputs.kinds["image"].to(device), columns)
+            merged = method.merge(scores, embeds.view(count, layout.num_tokens, -1), layout)
+            return merged_selection(merged, layout.num_tokens)
+
+        return merge
 
     def select(inputs: PrefillInputs, device) -> torch.Tensor | None:
         if method.keeps_everything(layout):
@@ -77,6 +122,15 @@ def fixed_layout_selector(method: Method, layout: VisualLayout):
         return keep.scatter_(1, kept, True).flatten()
 
     return select
+
+
+def merge_map(merged_into: torch.Tensor, kept: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """A flat merge map over the visual columns (:class:`~vtprune.types.TokenSelection`) -> (B, L):
+    at each visual column the index among its sample's kept visual tokens of the one that carries
+    it (-1: none), -2 at the other columns."""
+    kept_rank = visual_rows(visual_index(kept), image_mask, merged_into.numel())  # flat visual column -> rank
+    carried = torch.where(merged_into >= 0, kept_rank[merged_into.clamp(min=0)], -1)
+    return torch.full_like(kept_rank.new_empty(image_mask.shape), -2).masked_scatter(image_mask, carried)
 
 
 class PreLLMStage:
@@ -134,6 +188,8 @@ class PreLLMStage:
         real_before = mask2d.sum(dim=1)
         kept_index = torch.where(keep & image_mask, visual, -1)
         result = PrefillResult(kept_index, visual_in, real_before, real_before - cut.removed, selection.stats, prompt)
+        if selection.merged_into is not None:
+            result.merged = merge_map(selection.merged_into.to(embeds.device), keep & image_mask, image_mask)
         return kwargs, result
 
     def decode(self, prompt: PrunedPrompt, kwargs: dict) -> dict:

@@ -45,6 +45,13 @@ def received_attention(
     return total.mean(dim=1) / num_tokens
 
 
+def head_mean_keys(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """A layer's keys as its k projection gives them (unscaled), mean over heads: (n, T, D) -> (n, T, D / H)
+    fp32 (VisionZip's merge metric; ``queries`` and ``scale`` unused)."""
+    n, num_tokens, dim = keys.shape
+    return keys.float().view(n, num_tokens, num_heads, dim // num_heads).mean(dim=2)
+
+
 @dataclass(frozen=True)
 class AttentionParts:
     """What the LLM probe needs from one decoder layer (filled in by a backbone helper).

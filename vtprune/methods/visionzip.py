@@ -1,0 +1,168 @@
+"""VisionZip: dominant tokens by [CLS] attention plus contextual tokens merged by key similarity.
+
+Paper: "VisionZip: Longer is Better but Not Necessary in Vision Language Models" (Yang et al.,
+arXiv 2412.04467, CVPR 2025); official code dvlab-research/VisionZip (now JIA-Lab-research/VisionZip)
+@ 3151f6d, ``visionzip/clip_encoder.py::CLIPVisionTower_VisionZip.forward`` (selection and merge),
+``visionzip/utils.py::CLIPAttention_forward`` (the merge metric), ``visionzip/main.py::visionzip``
+(``dominant``, ``contextual``).
+
+How it follows the official code, per image, at the vision layer whose output feeds the projector
+(``hidden_states[-2]`` / ``attentions[-2]`` / ``layers[-2]`` in LLaVA-1.5):
+- dominant: the [CLS] token plus the ``dominant - 1`` patches with the most post-softmax [CLS]
+  attention, in raster order, [CLS] first;
+- contextual: the remaining tokens in raster order; ``contextual`` targets at stride
+  ``max(1, R // contextual)`` among them (indices into the remaining tokens); every other remaining
+  token joins the target with the largest cosine of the layer's keys (the k projection's output,
+  mean over heads, L2-normalised; ties to the first target); a contextual token is its target's
+  hidden state *plus* the mean of its members' (the target is not averaged in; a target without
+  members stays as it is);
+- the tokens ``[dominant; contextual]`` (the vision layer's hidden states, [CLS] included even
+  where the model feeds no [CLS] to its LLM) go through the model's projector and replace the
+  image in the prompt, in that order; positions re-compacted (LLaVA rebuilds ``arange``), so they
+  take the first ``dominant + contextual`` positions of the image block. With
+  ``positions="original"`` they keep the positions of the block's first columns.
+- budgets: ``dominant`` and ``contextual`` as ``visionzip(model, dominant, contextual)`` takes
+  them ([CLS] counted in ``dominant``), or ``keep_tokens=k`` (``keep_ratio``: k = round(ratio * N)):
+  ``contextual = round(5 k / 32)``, ``dominant = k - contextual``, the paper's 54+10 / 108+20 /
+  162+30 for 64 / 128 / 192 (and 27+5 per sub-image for LLaVA-NeXT's 160).
+
+``handle.last.stages[0].merged`` says which patches each token carries (a dominant patch itself,
+a contextual token its target and members); ``kept`` are the image-block columns the tokens fill.
+
+Where it deliberately differs:
+- the [CLS] row and the keys come from hooks on that one layer's q/k projections (the tower keeps
+  SDPA / FlashAttention; the official code runs all layers eager with ``output_attentions``);
+- the [CLS] row is the head-mean, not the head-sum (the same order up to rounding), in fp32, and
+  the key metric is fp32 (the official code uses the tower dtype: fp16 near-ties may flip);
+- every image has its own selection (the official code is batched the same way, batch-vectorised).
+
+Not supported (refused at patch time): towers without [CLS] (the official Qwen2.5-VL variant,
+attention received at the last block and contextual tokens at their targets' positions, is not
+implemented yet), and AnyRes crops (LLaVA-NeXT: the official NeXT path is not implemented yet).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.methods.base import Method, MethodConfig
+from vtprune.registry import register_method
+from vtprune.types import MergedTokens, VisualLayout
+
+
+@dataclass
+class VisionZipConfig(MethodConfig):
+    dominant: int | None = None
+    contextual: int | None = None
+    keep_tokens: int | None = None
+    keep_ratio: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        given = (self.dominant is not None or self.contextual is not None) + (self.keep_tokens is not None)
+        given += self.keep_ratio is not None
+        if given != 1:
+            raise ValueError(
+                "visionzip: give one budget: dominant and contextual (e.g. 54 and 10), or keep_tokens (64 -> 54 + 10), "
+                "or keep_ratio"
+            )
+        if (self.dominant is None) != (self.contextual is None):
+            raise ValueError("visionzip: give dominant and contextual together (e.g. dominant=54, contextual=10)")
+        if self.dominant is not None and (self.dominant < 1 or self.contextual < 1):
+            raise ValueError(f"visionzip: dominant and contextual must be >= 1, got {self.dominant}, {self.contextual}")
+        if self.keep_tokens is not None and self.keep_tokens < 2:
+            raise ValueError(
+                f"visionzip: keep_tokens must be >= 2 (a dominant and a contextual token), got {self.keep_tokens}"
+            )
+        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"visionzip: keep_ratio must be in (0, 1], got {self.keep_ratio}")
+
+    def split(self, num_tokens: int) -> tuple[int, int]:
+        """(dominant, contextual) for an image of ``num_tokens`` visual tokens."""
+        if self.dominant is not None:
+            return self.dominant, self.contextual
+        k = self.keep_tokens if self.keep_tokens is not None else math.floor(self.keep_ratio * num_tokens + 0.5)
+        k = max(2, k)
+        contextual = max(1, math.floor(5 * k / 32 + 0.5))
+        return k - contextual, contextual
+
+
+@register_method
+class VisionZip(Method):
+    name = "visionzip"
+    config_class = VisionZipConfig
+    score = "cls_attention"
+    paper = "VisionZip: Longer is Better but Not Necessary in Vision Language Models (arXiv 2412.04467)"
+    merges = True  # answers with MergedTokens (the engine fills each image block's first columns)
+    needs_projector = True  # merges vision features: the adapter sets ``projector``
+    projector: torch.nn.Module | None = None
+
+    def vision_probes(self):
+        return {"cls": ("cls", "feature"), "keys": ("keys", "feature"), "hidden": ("hidden", "feature")}
+
+    def keeps_everything(self, layout: VisualLayout) -> bool:
+        return False  # [CLS] joins the tokens and the rest is merged: never the unpruned image
+
+    def merge(self, scores: dict, embeds: torch.Tensor, layout: VisualLayout) -> MergedTokens:
+        hidden = scores["hidden"]  # (n, 1 + P, D): [CLS] then the patches, before the projector
+        num_patches = layout.grid[0] * layout.grid[1]
+        tokens, sources = visionzip_tokens(
+            scores["cls"][:, -num_patches:], scores["keys"][:, -num_patches:], hidden, *self._split(layout)
+        )
+        projector = self.projector
+        values = projector(tokens.to(next(projector.parameters()).dtype))
+        return MergedTokens(values=values, sources=sources[:, 1 - layout.num_prefix :])
+
+    def _split(self, layout: VisualLayout) -> tuple[int, int]:
+        dominant, contextual = self.config.split(layout.num_tokens)
+        num_patches = layout.grid[0] * layout.grid[1]
+        if dominant - 1 + contextual >= num_patches or dominant + contextual > layout.num_tokens:
+            raise ValueError(
+                f"visionzip: dominant={dominant} + contextual={contextual} does not fit an image of {num_patches} "
+                f"patches (at least one patch must be left to merge into the contextual tokens)"
+            )
+        return dominant, contextual
+
+
+def visionzip_tokens(
+    cls: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, dominant: int, contextual: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official dominant + contextual rule on a batch of images.
+
+    cls: (n, P) [CLS] attention over the patches; keys: (n, P, d) the merge metric of the patches;
+    hidden: (n, 1 + P, D) the layer's hidden states, [CLS] first. Returns the tokens
+    (n, dominant + contextual, D), [CLS] and the dominant patches in raster order then the
+    contextual tokens, and the sources (n, 1 + P): the token row that carries each input token.
+    """
+    n, length, width = hidden.shape
+    device = hidden.device
+    top = cls.topk(dominant - 1, dim=1).indices + 1  # in [CLS]-first numbering
+    chosen = torch.zeros(n, length, dtype=torch.bool, device=device).scatter_(1, top, True)
+    chosen[:, 0] = True
+    order = (~chosen).to(torch.uint8).argsort(dim=1, stable=True)  # chosen then the rest, each in raster order
+    dominant_index, rest_index = order[:, :dominant], order[:, dominant:]
+    rest = length - dominant
+    metric = keys.float().gather(1, (rest_index - 1)[..., None].expand(-1, -1, keys.shape[-1]))
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    targets = torch.arange(0, rest, max(1, rest // contextual), device=device)[:contextual]
+    is_target = torch.zeros(rest, dtype=torch.bool, device=device)
+    is_target[targets] = True
+    members = (~is_target).nonzero().flatten()  # from shapes only: the same for every image
+    assign = torch.bmm(metric[:, members], metric[:, targets].transpose(1, 2)).argmax(dim=2)  # (n, M)
+    one_hot = torch.zeros(n, members.numel(), contextual, dtype=hidden.dtype, device=device)
+    one_hot.scatter_(2, assign[..., None], 1)
+    counts = one_hot.sum(dim=1).clamp(min=1)[..., None]
+    rest_hidden = hidden.gather(1, rest_index[..., None].expand(-1, -1, width))
+    context = rest_hidden[:, targets] + torch.bmm(one_hot.transpose(1, 2), rest_hidden[:, members]) / counts
+    tokens = torch.cat([hidden.gather(1, dominant_index[..., None].expand(-1, -1, width)), context], dim=1)
+
+    rest_row = torch.empty(n, rest, dtype=torch.long, device=device)
+    rest_row[:, targets] = dominant + torch.arange(contextual, device=device)
+    rest_row[:, members] = dominant + assign
+    sources = torch.empty(n, length, dtype=torch.long, device=device)
+    sources.scatter_(1, dominant_index, torch.arange(dominant, device=device).expand(n, -1))
+    sources.scatter_(1, rest_index, rest_row)
+    return tokens, sources
