@@ -234,6 +234,18 @@ def internvl() -> FamilyCase:
     return FamilyCase(model, _left_padded(samples, padded), samples, (vlms.IMAGE_TOKEN_ID,))
 
 
+def llava_next_video() -> FamilyCase:
+    """Videos (the path quota runs on): two frames of 2 x 2 pooled tokens per sample; its AnyRes images are
+    LLaVA-NeXT's (the llava_next case) and tests/test_llava_next_video.py mixes them with videos."""
+    model = _no_eos(vlms.tiny_llava_next_video(seed=2, layers=LAYERS))
+    samples = []
+    for index in range(2):
+        ids = _with_text(torch.full((8,), vlms.VIDEO_TOKEN_ID), (3 + 4 * index, 2), seed=20 + index)
+        samples.append({"input_ids": ids[None], "pixel_values_videos": _images(2, seed=20 + index)[None]})
+    padded = {"pixel_values_videos": torch.cat([s["pixel_values_videos"] for s in samples])}
+    return FamilyCase(model, _left_padded(samples, padded), samples, (vlms.IMAGE_TOKEN_ID, vlms.VIDEO_TOKEN_ID))
+
+
 FAMILIES = {
     "llava": llava,
     "llava_next": llava_next,
@@ -244,6 +256,7 @@ FAMILIES = {
     "qwen3_vl_moe": qwen3_vl_moe,
     "llava_original": llava_original,
     "internvl": internvl,
+    "llava_next_video": llava_next_video,
 }
 
 
