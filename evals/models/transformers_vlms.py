@@ -300,24 +300,25 @@ def tiny_internvl(seed: int = 0, attn_implementation="sdpa", layers=2, vision_la
     return model
 
 
-def tiny_llava_next_video(seed: int = 0, attn_implementation="sdpa", layers=2, pool_mode="average"):
-    """A few-layer LLaVA-NeXT-Video: the tiny LLaVA-NeXT's 32 px CLIP tower (4 x 4 patches) and AnyRes crops
-    for images; video frames pooled 2 x 2 (``pool_mode``) to 2 x 2 tokens each; a Llama decoder."""
+def tiny_llava_next_video(seed: int = 0, attn_implementation="sdpa", layers=2, pool_mode="average", image_size=32):
+    """A few-layer LLaVA-NeXT-Video: the tiny LLaVA-NeXT's CLIP tower (32 px: 4 x 4 patches of 8 px) and AnyRes
+    crops for images; video frames pooled 2 x 2 (``pool_mode``) to 2 x 2 tokens each (4 x 4 at 64 px); Llama."""
     from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
-    base = llava_config(text=text_config(layers=layers), attn_implementation=attn_implementation)
+    base = llava_config(image_size=image_size, text=text_config(layers=layers), attn_implementation=attn_implementation)
+    side = image_size
     config = LlavaNextVideoConfig(
         vision_config=base.vision_config,
         text_config=base.text_config,
         image_token_index=IMAGE_TOKEN_ID,
         video_token_index=VIDEO_TOKEN_ID,
-        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        image_grid_pinpoints=[[side, 2 * side], [2 * side, side], [2 * side, 2 * side]],
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         spatial_pool_mode=pool_mode,
         spatial_pool_stride=2,
-        image_seq_length=16,
-        video_seq_length=4,
+        image_seq_length=(image_size // 8) ** 2,
+        video_seq_length=(image_size // 16) ** 2,
     )
     for sub in (config, config.vision_config, config.text_config):
         sub._attn_implementation = attn_implementation
@@ -420,3 +421,56 @@ def tiny_qwen3_vl(seed: int = 0, attn_implementation="sdpa", layers=4, hidden=64
     prefix = "Qwen3VLMoe" if moe else "Qwen3VL"
     config = getattr(transformers, f"{prefix}Config")(vision_config=vision, text_config=text, **_qwen_tokens())
     return _build_qwen(getattr(transformers, f"{prefix}ForConditionalGeneration"), config, seed, attn_implementation)
+
+
+# -- Gemma 3 and Idefics3 / SmolVLM (issue 12) ------------------------------------------------------
+BOI_TOKEN_ID = 5  # Gemma 3's <start_of_image> / Idefics3's <fake_token_around_image> here
+EOI_TOKEN_ID = 6  # Gemma 3's <end_of_image>
+GLOBAL_IMAGE_TOKEN_ID = 7  # Idefics3's <global-img>
+
+
+def tiny_gemma3(seed: int = 0, attn_implementation="sdpa", layers=4, sliding_window=8, tokens_per_image=16):
+    """A few-layer Gemma 3: 64 px SigLIP tower (16 x 16 patches of 4 px, no [CLS]) average-pooled 4 x 4 to
+    ``tokens_per_image`` (16: a 4 x 4 grid) tokens per image, as Gemma 3's 64 x 64 -> 16 x 16; a Gemma 3
+    decoder whose layers alternate sliding (window ``sliding_window``, shorter than an image) and full."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=64, patch_size=4
+    )
+    text = Gemma3TextConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=sliding_window,
+        sliding_window_pattern=2,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=BOI_TOKEN_ID,
+        eoi_token_index=EOI_TOKEN_ID,
+        image_token_index=IMAGE_TOKEN_ID,
+        tie_word_embeddings=False,
+    )
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # Gemma 3's init zeroes the projector and the tower's LayerNorm weights: give them values
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+        for name, parameter in model.model.vision_tower.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                parameter.normal_(1.0, 0.1)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
