@@ -84,6 +84,7 @@ class Adapter:
     visual_kinds: ClassVar[dict[str, VisualKind]] = IMAGES
     supports_feature_replacement: ClassVar[bool] = False  # methods that rewrite visual tokens (quota)
     has_crops: ClassVar[bool] = False  # whether images come as a base image plus crops (AnyRes)
+    merges_tokens: ClassVar[bool] = False  # whether the selector takes merged tokens (methods with merges = True)
     no_crops: ClassVar[str] = "sees single-resolution images: use fastervlm, fopru, random or uniform"
 
     def __init_subclass__(cls, **kwargs):
@@ -261,10 +262,11 @@ class Adapter:
             )
         for _, layer in method.vision_probes().values():
             self.vision_attention(layer)  # a layer outside the tower fails now
-        if getattr(method, "merges", False) and self.has_crops:
+        if getattr(method, "merges", False) and (self.has_crops or not self.merges_tokens):
             raise ValueError(
-                f"method {method.name!r} merges the tokens of single-resolution images; {type(self.model).__name__} "
-                "packs high-resolution (AnyRes) crops, which it does not merge yet"
+                f"method {method.name!r} merges tokens, which vtprune supports on single-resolution images of one "
+                f"fixed layout (llava; llava_original without AnyRes packing); {type(self.model).__name__} is not "
+                "supported yet"
             )
         if getattr(method, "needs_projector", False) and self.projector() is None:
             raise ValueError(

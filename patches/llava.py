@@ -28,6 +28,7 @@ from vtprune.patches._base import Adapter
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    merges_tokens = True  # one fixed layout per image: merged tokens fill each image block
 
     def selector(self, method, layout):
         return fixed_layout_selector(method, layout)

@@ -243,6 +243,7 @@ class LegacyLlamaBackbone(LlavaLlamaBackbone):
 @register_adapter
 class LlavaOriginalAdapter(Adapter):
     family = "llava_original"
+    merges_tokens = True  # single-resolution images have one fixed layout (AnyRes packing is refused: has_crops)
     model_types = ("llava_llama",)
     model_classes = ("LlavaLlamaForCausalLM",)
     # input_ids hold one IMAGE_TOKEN_INDEX per image, which the model expands into the image's features

@@ -301,4 +301,5 @@ METHODS = {
         keep_all={"keep_ratio": 1.0},
         no_keep_all=dict.fromkeys(FAMILIES, "[CLS] joins the tokens and the rest is merged: never the unpruned image"),
     ),
+    "pool": _RATIO,
 }

@@ -132,3 +132,23 @@ def _builtin() -> None:
 
 
 _builtin()
+
+
+def _merging() -> None:
+    visionzip = "VisionZip, arXiv 2412.04467, Table 1 (LLaVA-1.5: dominant + contextual tokens per image)"
+    for dominant, contextual in ((54, 10), (108, 20), (162, 30)):
+        options = {"dominant": dominant, "contextual": contextual}
+        register_preset(Preset(f"visionzip-{dominant + contextual}", "visionzip", options, paper=visionzip))
+    for tokens, side in ((144, 12), (64, 8)):
+        register_preset(
+            Preset(
+                f"pool-{tokens}",
+                "pool",
+                {"keep_tokens": tokens},
+                paper="pooling baseline (UniPruneBench Pool_PreLLM; VTC-Bench downsample), LLaVA-1.5 24 x 24 grid",
+                note=f"average pooling of the 24 x 24 patch grid to {side} x {side}",
+            )
+        )
+
+
+_merging()

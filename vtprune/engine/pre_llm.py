@@ -99,7 +99,9 @@ def fixed_layout_selector(method: Method, layout: VisualLayout):
     """
     if getattr(method, "merges", False):
 
-        def merge(inputs: PrefillInputs, device) -> TokenSelection:
+        def merge(inputs: PrefillInputs, device) -> TokenSelection | None:
+            if method.keeps_everything(layout):
+                return None
             images = inputs.visual["image"]
             scores, count = images.scores, images.count
             if images.spliced is not None:  # encoded but not in the prompt (the original LLaVA package)
