@@ -268,7 +268,7 @@ def _build_onevision(vision, text, seed: int, attn_implementation: str, **config
 
 
 # -- InternVL (HF-native) and LLaVA-NeXT-Video (issue 12) ------------------------------------------
-def tiny_internvl(seed: int = 0, attn_implementation="sdpa", layers=2, vision_layers=3, use_qk_norm=False):
+def tiny_internvl(seed: int = 0, attn_implementation="sdpa", layers=2, vision_layers=3, use_qk_norm=False, vocab=128):
     """A few-layer HF-native InternVL: 32 px InternViT tiles (8 x 8 patches of 4 px, [CLS]), pixel shuffle
     0.5 (16 tokens per tile), a Qwen2 decoder. Images are tiles; the processor's ``<img>`` / ``</img>``
     around each image's tokens are ``VISION_START_ID`` / ``VISION_END_ID`` here."""
@@ -286,7 +286,7 @@ def tiny_internvl(seed: int = 0, attn_implementation="sdpa", layers=2, vision_la
     )
     config = InternVLConfig(
         vision_config=vision,
-        text_config=text_config("qwen2", layers=layers),
+        text_config=text_config("qwen2", layers=layers, vocab=vocab),
         image_token_id=IMAGE_TOKEN_ID,
         image_seq_length=16,
         downsample_ratio=0.5,
