@@ -201,6 +201,17 @@ class Method:
     def keeps_everything(self, layout: VisualLayout) -> bool:
         return isinstance(self.config, BudgetConfig) and self.config.num_keep(layout.num_tokens) == layout.num_tokens
 
+    def size_budget(self, layout: VisualLayout) -> int | None:
+        """Tokens an image of ``layout`` keeps, known from its size alone, before the tower runs.
+
+        What a server that reserves each image's prompt slots up front (vLLM) sizes them by; None
+        when the count is not a function of the size (it depends on the content or the prompt).
+        Raises as :meth:`BudgetConfig.num_keep` does when the budget does not fit the layout.
+        """
+        if self.stage == "pre_llm" and isinstance(self.config, BudgetConfig):
+            return self.config.num_keep(layout.num_tokens)
+        return None
+
     def select_crops(self, scores: dict, crops: CropLayout) -> torch.Tensor:
         """AnyRes images: which tokens of a base image and its crops to keep, (S, N) bool.
 

@@ -1,0 +1,1 @@
+"""Integrations with serving engines, each an optional extra; ``import vtprune`` imports none of them."""
