@@ -194,3 +194,107 @@ def test_quota_is_refused_at_patch_time(models):
     model, _ = models
     with pytest.raises(ValueError, match="resizes frames"):
         vtprune.patch(model, "quota", keep_ratio=0.5, query="?", scorer=lambda frames, prompt: torch.ones(len(frames)))
+
+
+# -- the processor's tiles and lmms-eval -------------------------------------------------------------------
+CHAT_TEMPLATE = (  # InternVL's: an image part is one <IMG_CONTEXT>, which the processor expands into its tiles
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<IMG_CONTEXT>\n{% elif part['type'] == 'video' %}<video>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}</s>{% endif %} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def internvl_processor(corpus, max_patches=6):
+    """An offline ``InternVLProcessor`` for ``tiny_internvl``: 32 px tiles, word-level tokenizer whose
+    <IMG_CONTEXT>, <img>, </img> ids are the tiny model's image, start and end ids."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    from vtprune.evals.models.processors import build_tokenizer
+
+    media = {"context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+    media.update(start_image_token="<img>", end_image_token="</img>")
+    specials = ["<pad>", "<s>", "</s>", "<IMG_CONTEXT>", "<video>", "<img>", "</img>", "<unk>"]
+    tokenizer = build_tokenizer(corpus, special_tokens=specials, media_tokens=media)
+    assert [tokenizer.context_image_token_id, tokenizer.start_image_token_id, tokenizer.end_image_token_id] == [
+        IMAGE_TOKEN_ID,
+        VISION_START_ID,
+        VISION_END_ID,
+    ]
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(
+            size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=max_patches
+        ),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size={"height": 32, "width": 32}),
+        image_seq_length=N,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def smooth_picture(height, width, seed):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    channels = [
+        (np.sin(x / 7 + c) + np.cos(y / 5 - c)) * 60 + 128 + rng.normal(0, 20, (height, width)) for c in range(3)
+    ]
+    return Image.fromarray(np.stack(channels, axis=-1).clip(0, 255).astype("uint8"))
+
+
+@pytest.mark.parametrize("size", [(40, 90), (90, 40), (60, 60), (30, 100), (100, 64), (50, 80)])
+def test_crop_grid_of_the_processors_tiles_is_the_grid_it_chose(size):
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    processor = internvl_processor(["a"])
+    out = processor.image_processor(images=[smooth_picture(*size, seed=sum(size))], return_tensors="pt")
+    columns, rows = get_optimal_tiled_canvas(size, (32, 32), 1, 6)
+    assert int(out.num_patches[0]) == rows * columns + 1
+    assert crop_grids(out.pixel_values, [rows * columns + 1]) == [(rows, columns)]
+
+
+def test_lmms_eval_internvl_hf_end_to_end(tmp_path):
+    import json
+
+    from eval_helpers import answer_always, run_lmms_eval
+
+    from vtprune.evals.tasks import shapes
+    from vtprune.evals.tasks.make_task import make_builtin_task
+
+    limit = 4
+    processor = internvl_processor(shapes.corpus(), max_patches=4)
+    model = tiny_internvl(seed=1, vocab=len(processor.tokenizer))
+    answer_always(model, processor.tokenizer, "red")
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    task_dir = make_builtin_task("vtprune_shapes", tmp_path / "tasks", n=limit)
+    stats = tmp_path / "stats.json"
+    model_args = f"base=internvl_hf,pretrained={tmp_path / 'model'},device=cpu,method=fastervlm,keep_tokens=5"
+    result = run_lmms_eval(
+        ["--model", "vtprune", "--model_args", f"{model_args},stats_path={stats}", "--tasks", "vtprune_shapes"]
+        + ["--include_path", str(task_dir.parent), "--output_path", str(tmp_path / "out"), "--log_samples"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    (results_file,) = (tmp_path / "out").rglob("*_results.json")
+    answers = [r["answer"] for r in shapes.records(limit)]
+    expected = sum(a == "red" for a in answers) / limit
+    assert json.loads(results_file.read_text())["results"]["vtprune_shapes"]["exact_match,none"] == pytest.approx(
+        expected
+    )
+    tiles = processor.image_processor.get_number_of_image_patches(64, 64, {"max_patches": 4})  # shapes: 64 px
+    payload = json.loads(stats.read_text())
+    assert len(payload["samples"]) == limit
+    for sample in payload["samples"]:
+        assert sample["visual_tokens_in"] == tiles * N
+        assert sample["visual_tokens_kept"] == tiles * 5  # keep_tokens per tile
+        assert sample["flops_after"] < sample["flops_before"]
