@@ -21,11 +21,16 @@ M-RoPE, per-frame selection, the M-RoPE decoder stack) but for what this file sa
 - video: the processor writes each temporal slice as its own block (``<t seconds>`` text, then
   vision start, the slice's tokens, vision end) and ``get_rope_index`` numbers each slice as an
   image; the per-frame budgets are per slice already. Positions are gathered from the model's own.
+- ``get_video_features`` encodes through ``get_image_features``: the image wrapper stands aside
+  inside a video call (what a video's encoder call says is the video's only).
 - quota is refused: a resized frame would need its own deepstack features, and a video's frames
   are separate blocks between timestamp texts (the frame-replacing path fills one contiguous block).
 """
 
 from __future__ import annotations
+
+import functools
+import threading
 
 import torch
 
@@ -55,6 +60,39 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                 "timestamp texts: not supported (use a per-frame method: fopru, uniform, random, or fastv / pdrop)"
             )
         super().check_pre_llm(method)
+
+    def feature_wrappers(self) -> list:
+        """``get_video_features`` encodes by calling ``get_image_features`` (one tower for both): inside a
+        video call the image wrapper stands aside, so the video's grids and scores go to "video" only."""
+        in_video = threading.local()
+        image_wrapper, video_wrapper = self._features_wrapper("image"), self._features_wrapper("video")
+
+        def make_image(get_image_features):
+            wrapped = image_wrapper(get_image_features)
+
+            @functools.wraps(get_image_features)
+            def wrapper(*args, **kwargs):
+                return (get_image_features if getattr(in_video, "on", False) else wrapped)(*args, **kwargs)
+
+            return wrapper
+
+        def make_video(get_video_features):
+            wrapped = video_wrapper(get_video_features)
+
+            @functools.wraps(get_video_features)
+            def wrapper(*args, **kwargs):
+                in_video.on = True
+                try:
+                    return wrapped(*args, **kwargs)
+                finally:
+                    in_video.on = False
+
+            return wrapper
+
+        return [
+            InstanceMethodPatch(self.base, "get_image_features", make_image),
+            InstanceMethodPatch(self.base, "get_video_features", make_video),
+        ]
 
     def install(self, handle, methods) -> None:
         super().install(handle, methods)
