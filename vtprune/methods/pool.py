@@ -60,7 +60,7 @@ def pooled_grid(grid: tuple[int, int], k: int) -> tuple[int, int]:
 def pool_bins(size: int, out: int) -> torch.Tensor:
     """(size,) the last adaptive-pooling bin each input index falls in (bin i covers
     [floor(i size / out), ceil((i + 1) size / out)): the last bin that starts at or before it)."""
-    return torch.div(torch.arange(size) * out, size, rounding_mode="floor")
+    return torch.div((torch.arange(size) + 1) * out - 1, size, rounding_mode="floor")  # ceil((j + 1) out / size) - 1
 
 
 @register_method

@@ -1,0 +1,216 @@
+"""Merging methods (visionzip, pool) against re-statements of their official code, on a tiny LLaVA.
+
+Each expectation is computed apart from vtprune: the official algorithm restated here from its
+code (VisionZip: ``visionzip/clip_encoder.py::CLIPVisionTower_VisionZip.forward`` @ 3151f6d on an
+eager tower's ``output_attentions`` / ``hidden_states`` and the layer's keys; pool: UniPruneBench
+``Pool_PreLLM.py::pool_prune_pre_llm``, ``adaptive_avg_pool2d`` of the projected grid), spliced by
+hand into the prompt and fed to the unpatched language model. The patched model must give the same
+logits (so the engine's merged tokens and their positions are those sequences), and
+``handle.last.stages[0].merged`` the official merge groups.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import eager_twin, prompt_ids
+
+import vtprune
+from vtprune.evals.models import transformers_vlms as vlms
+from vtprune.methods.visionzip import VisionZipConfig
+
+SIDE = 8  # an 8 x 8 patch grid: 64 visual tokens per image
+TEXT = (3, 4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return vlms.tiny_llava(seed=3, image_size=8 * SIDE, patch_size=8).eval()
+
+
+def images(n, seed=0):
+    return torch.randn(n, 3, 8 * SIDE, 8 * SIDE, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt(seed=0):
+    return prompt_ids(list(TEXT), tokens_per_image=SIDE * SIDE, seed=seed).unsqueeze(0)
+
+
+def spliced_logits(model, input_ids, tokens, positions="compact"):
+    """The unpatched LLM on the prompt whose image block is replaced by ``tokens`` (K, D)."""
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(input_ids)[0]
+        block = (input_ids[0] == vlms.IMAGE_TOKEN_ID).nonzero().flatten()
+        first, last = int(block[0]), int(block[-1])
+        sequence = torch.cat([embeds[:first], tokens.to(embeds.dtype), embeds[last + 1 :]])
+        count = tokens.shape[0]
+        if positions == "compact":
+            position_ids = torch.arange(sequence.shape[0])
+        else:  # the merged block keeps the positions of its first columns, the text after it its own
+            position_ids = torch.cat([torch.arange(first + count), torch.arange(last + 1, input_ids.shape[1])])
+        hidden = model.model.language_model(
+            inputs_embeds=sequence[None],
+            position_ids=position_ids[None],
+            attention_mask=torch.ones(1, sequence.shape[0], dtype=torch.long),
+            use_cache=False,
+        ).last_hidden_state
+        return model.lm_head(hidden)[0]
+
+
+def patched_logits(model, input_ids, pixel_values, method, **options):
+    with vtprune.patched(model, method, **options) as handle, torch.no_grad():
+        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
+        return logits, handle.last
+
+
+# -- VisionZip: the official rule, restated -----------------------------------------------------
+
+
+def official_visionzip(model, pixel_values, dominant, contextual):
+    """VisionZip's tokens as its official tower computes them, projected by the model's projector.
+
+    Eager tower with output_attentions; ``attentions[-2]`` [CLS] row summed over heads; the merge
+    metric is ``layers[-2]``'s k projection, heads split and averaged; ``hidden_states[-2]`` with [CLS].
+    Returns (tokens (B, dominant + contextual, D_llm), sources (B, 1 + P): the token row of each input).
+    """
+    twin = eager_twin(model)
+    layer = twin.model.vision_tower.encoder.layers[-2]
+    keys = {}
+    hook = layer.self_attn.k_proj.register_forward_hook(lambda m, a, out: keys.update(k=out))
+    with torch.no_grad():
+        out = twin.model.vision_tower(pixel_values, output_attentions=True, output_hidden_states=True)
+    hook.remove()
+    attn, hidden = out.attentions[-2], out.hidden_states[-2]
+    batch, length, width = hidden.shape
+    heads = attn.shape[1]
+    metric = keys["k"].view(batch, length, heads, -1).transpose(1, 2).mean(1)  # (B, T, head_dim)
+
+    dominant_num = dominant - 1
+    topk = attn[:, :, 0, 1:].sum(dim=1).topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros(batch, 1, dtype=topk.dtype), topk], dim=1)
+    mask = torch.ones(batch, length, dtype=torch.bool).scatter_(1, all_indices, False)
+    dominant_tokens = hidden.masked_select(~mask[..., None]).view(batch, dominant_num + 1, width)
+    rest = length - (dominant_num + 1)
+    metric_filtered = metric[mask].view(batch, rest, metric.shape[2])
+    hidden_filtered = hidden.masked_select(mask[..., None]).view(batch, rest, width)
+    normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, rest // contextual)
+    targets = torch.arange(0, rest, step)[:contextual]
+    others = ~torch.isin(torch.arange(rest), targets)
+    similarity = torch.bmm(normalized[:, others], normalized[:, targets].transpose(1, 2))
+    assign = similarity.argmax(dim=2)
+    one_hot = torch.zeros(batch, int(others.sum()), contextual, dtype=hidden.dtype).scatter_(2, assign[..., None], 1)
+    counts = one_hot.sum(dim=1).clamp(min=1)[..., None]
+    aggregated = torch.bmm(one_hot.transpose(1, 2), hidden_filtered[:, others]) / counts
+    contextual_tokens = hidden_filtered[:, targets] + aggregated
+    with torch.no_grad():
+        tokens = twin.model.multi_modal_projector(torch.cat([dominant_tokens, contextual_tokens], dim=1))
+
+    sources = torch.empty(batch, length, dtype=torch.long)
+    for b in range(batch):  # the merge groups, token by token
+        kept = (~mask[b]).nonzero().flatten().tolist()
+        filtered = mask[b].nonzero().flatten().tolist()
+        members = iter(assign[b].tolist())
+        for row, index in enumerate(kept):
+            sources[b, index] = row
+        for position, index in enumerate(filtered):
+            is_target = position in targets.tolist()
+            group = targets.tolist().index(position) if is_target else next(members)
+            sources[b, index] = dominant + group
+    return tokens, sources
+
+
+@pytest.mark.parametrize(("dominant", "contextual"), [(10, 3), (20, 6), (5, 1)])
+def test_visionzip_equals_the_official_tokens_spliced_into_the_prompt(model, dominant, contextual):
+    px = images(2, seed=dominant)
+    expected, sources = official_visionzip(model, px, dominant, contextual)
+    ids = torch.cat([prompt(seed=1), prompt(seed=2)])
+    logits, last = patched_logits(model, ids, px, "visionzip", dominant=dominant, contextual=contextual)
+    for b in range(2):
+        reference = spliced_logits(model, ids[b : b + 1], expected[b])
+        torch.testing.assert_close(logits[b], reference, atol=1e-4, rtol=1e-4)
+        assert last.stages[0].merged[b].tolist() == sources[b, 1:].tolist()  # the patches' groups ([CLS] is none)
+        assert last.stages[0].kept[b].tolist() == list(range(dominant + contextual))
+    assert last.visual_tokens_kept == [dominant + contextual] * 2
+
+
+def test_visionzip_original_positions_keep_the_first_columns_of_the_block(model):
+    px = images(1, seed=5)
+    expected, _ = official_visionzip(model, px, 12, 4)
+    ids = prompt(seed=3)
+    logits, _ = patched_logits(model, ids, px, "visionzip", dominant=12, contextual=4, positions="original")
+    torch.testing.assert_close(logits[0], spliced_logits(model, ids, expected[0], "original"), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("keep", "split"), [(64, (54, 10)), (128, (108, 20)), (192, (162, 30)), (32, (27, 5))])
+def test_visionzip_keep_tokens_gives_the_papers_splits(keep, split):
+    assert VisionZipConfig(keep_tokens=keep).split(576) == split
+
+
+def test_visionzip_image_alone_equals_in_a_batch(model):
+    px = images(3, seed=9)
+    ids = torch.cat([prompt(seed=s) for s in range(3)])
+    batch, _ = patched_logits(model, ids, px, "visionzip", keep_tokens=16)
+    for b in range(3):
+        alone, _ = patched_logits(model, ids[b : b + 1], px[b : b + 1], "visionzip", keep_tokens=16)
+        torch.testing.assert_close(batch[b], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_visionzip_refuses_budgets_that_do_not_fit_and_towers_without_cls(model):
+    with (
+        pytest.raises(ValueError, match="does not fit"),
+        vtprune.patched(model, "visionzip", dominant=60, contextual=10),
+    ):
+        model(input_ids=prompt(), pixel_values=images(1))
+    with pytest.raises(ValueError, match="one budget"):
+        VisionZipConfig(dominant=10, contextual=2, keep_tokens=12)
+    onevision = vlms.tiny_llava_onevision(seed=0)
+    with pytest.raises(ValueError, match="no \\[CLS\\] token"):
+        vtprune.patch(onevision, "visionzip", keep_tokens=8)
+
+
+# -- pool: UniPruneBench's adaptive pooling of the projected grid ------------------------------
+
+
+@pytest.mark.parametrize(("keep", "mode"), [(16, "average"), (9, "average"), (9, "max"), (6, "average")])
+def test_pool_equals_adaptive_pooling_of_the_projected_grid(model, keep, mode):
+    px = images(2, seed=keep)
+    ids = torch.cat([prompt(seed=4), prompt(seed=5)])
+    with torch.no_grad():
+        features = torch.stack(model.model.get_image_features(pixel_values=px).pooler_output)  # (2, 64, D)
+    rows = round(keep**0.5)  # the documented grid rule on a square grid: (round(sqrt(k)), ceil(k / rows))
+    out = (rows, -(-keep // rows))
+    grid = features.transpose(1, 2).reshape(2, -1, SIDE, SIDE)
+    pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
+    pooled = pool(grid, out).flatten(2).transpose(1, 2)
+    logits, last = patched_logits(model, ids, px, "pool", keep_tokens=keep, mode=mode)
+    for b in range(2):
+        torch.testing.assert_close(logits[b], spliced_logits(model, ids[b : b + 1], pooled[b]), atol=1e-4, rtol=1e-4)
+    # merge groups: every patch in the (last) adaptive bin that starts at or before it
+    row_bin = torch.tensor([max(i for i in range(out[0]) if (i * SIDE) // out[0] <= r) for r in range(SIDE)])
+    col_bin = torch.tensor([max(i for i in range(out[1]) if (i * SIDE) // out[1] <= c) for c in range(SIDE)])
+    expected_groups = (row_bin[:, None] * out[1] + col_bin[None, :]).flatten()
+    assert last.stages[0].merged[0].tolist() == expected_groups.tolist()
+
+
+def test_pool_keeping_the_whole_grid_is_the_unpatched_model(model):
+    px, ids = images(1, seed=1), prompt(seed=1)
+    with torch.no_grad():
+        reference = model(input_ids=ids, pixel_values=px).logits
+    logits, _ = patched_logits(model, ids, px, "pool", keep_ratio=1.0)
+    assert torch.equal(logits, reference)
+
+
+def test_merge_map_survives_expanded_rows(model):
+    """num_return_sequences repeats every row after the images were encoded: each copy's merge map
+    is its row's."""
+    px = images(2, seed=2)
+    ids = torch.cat([prompt(seed=6), prompt(seed=7)])
+    with vtprune.patched(model, "visionzip", keep_tokens=16) as handle, torch.no_grad():
+        model(input_ids=ids, pixel_values=px)
+        plain = handle.last.stages[0].merged
+        model.generation_config.eos_token_id = None
+        model.generate(input_ids=ids, pixel_values=px, max_new_tokens=1, num_return_sequences=2, do_sample=True)
+        expanded = handle.last.stages[0].merged
+    assert [m.tolist() for m in expanded] == [plain[0].tolist()] * 2 + [plain[1].tolist()] * 2
