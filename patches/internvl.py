@@ -34,8 +34,8 @@ crops tile the same image resized, so the true grid matches up to resampling; a 
 scrambles the picture. This reads one number per image back to the host per prefill, as the
 tile counts do.
 
-Every pre-LLM method runs (fastervlm, fopru, random, uniform, hired, globalcom2) and the in-LLM
-ones on Qwen2 / Qwen3 decoders; quota (frame-replacing) is refused at patch time.
+fastervlm, fopru, random, uniform, hired and globalcom2 run, and the in-LLM methods (fastv, pdrop) on
+the Qwen2 / Qwen3 decoders; quota (frame-replacing) is refused at patch time.
 """
 
 from __future__ import annotations
