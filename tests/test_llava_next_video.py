@@ -171,3 +171,31 @@ def test_a_learned_conv_resampler_refuses_scored_methods_at_patch_time():
             pixel_values_videos=video(2),
         )
     assert handle.last.visual_tokens_kept == [4]
+
+
+@pytest.mark.parametrize("spec", ["fastervlm:keep_ratio=0.5", "hired:budget_ratio=0.4", "fopru:keep_ratio=0.3"])
+def test_a_left_padded_batch_of_image_and_video_prompts_equals_each_alone(model, spec):
+    """Sample 0: an AnyRes image and a video; sample 1: a video only (images and videos in one batch)."""
+    from helpers import left_pad
+
+    ids0, px, sizes, vid0 = image_and_video_prompt(model, seed=8)
+    vid1 = video(2, seed=9)
+    ids1 = torch.cat([text(6, 10), torch.full((2 * FRAME,), VIDEO_TOKEN_ID), text(2, 11)])[None]
+    ids, mask = left_pad([ids0[0], ids1[0]])
+    alone = []
+    with vtprune.patched(model, spec) as handle, torch.no_grad():
+        for inputs in (
+            dict(input_ids=ids0, pixel_values=px, image_sizes=sizes, pixel_values_videos=vid0),
+            dict(input_ids=ids1, pixel_values_videos=vid1),
+        ):
+            alone.append((model(**inputs).logits[0, -1], handle.last.stages[0].kept[0].tolist()))
+        batch = model(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=px,
+            image_sizes=sizes,
+            pixel_values_videos=torch.cat([vid0, vid1]),
+        ).logits[:, -1]
+        kept = [k.tolist() for k in handle.last.stages[0].kept]
+    assert kept == [a[1] for a in alone]
+    torch.testing.assert_close(batch, torch.stack([a[0] for a in alone]), atol=1e-5, rtol=1e-4)
