@@ -298,3 +298,25 @@ def test_lmms_eval_internvl_hf_end_to_end(tmp_path):
         assert sample["visual_tokens_in"] == tiles * N
         assert sample["visual_tokens_kept"] == tiles * 5  # keep_tokens per tile
         assert sample["flops_after"] < sample["flops_before"]
+
+
+def test_processor_image_and_video_prompt_keeps_the_top_of_each_tile_and_frame(models):
+    """The processor's own prompt: an image (crops, then its thumbnail) and a 3-frame video (a lone tile per
+    frame, "Frame1: <img> ... </img>"), merged into one pixel_values. budget="global": the image keeps its
+    3 x k best tokens across its tiles, each frame its k best (eager [CLS] block sums)."""
+    import numpy as np
+
+    model, twin = models
+    processor = internvl_processor(["what is shown ?"], max_patches=4)
+    frames = np.stack([np.asarray(smooth_picture(40, 40, seed=s)) for s in range(3)])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "what"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(images=[smooth_picture(40, 90, seed=1)], videos=[frames], text=text, return_tensors="pt")
+    tiles = inputs.pixel_values.shape[0]
+    assert tiles == 3 + 3  # 1 x 2 crops + thumbnail, then 3 frames
+    with vtprune.patched(model, "fastervlm", keep_tokens=4, budget="global") as handle, torch.no_grad():
+        model(**inputs)
+    reference = block_sums(eager_cls_rows(twin, inputs.pixel_values))
+    image = reference[:3].flatten().topk(12).indices.sort().values
+    expected = torch.cat([image] + [reference[t].topk(4).indices.sort().values + t * N for t in range(3, tiles)])
+    assert handle.last.stages[0].kept[0].tolist() == expected.tolist()
