@@ -79,12 +79,23 @@ class LlamaStyleBackbone:
             sliding_window=self.config.sliding_window if self.is_sliding(layer_index) else None,
         )
 
+    shared_rotary = True  # every layer takes the same rotary embeddings (the model's own can be reused)
+
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for ``position_ids`` (B, T), from the model's own rotary module."""
         return self.model.rotary_emb(hidden, position_ids)
 
+    def layer_rotary(self, layer_index: int, embeddings):
+        """What layer ``layer_index`` takes of :meth:`rotary`'s output (all of it: one for every layer)."""
+        return embeddings
+
     def mask_kind(self, layer_index: int) -> str:
         return "sliding" if self.is_sliding(layer_index) else "full"
+
+    def build_prefill_mask(self, layer_index: int, hidden, mask2d, cache, position_ids, visual: torch.Tensor):
+        """:meth:`build_mask` at a prefill, where ``visual`` (B, q) marks the visual columns (a causal
+        Llama-style mask does not depend on them; Gemma 3's image blocks do)."""
+        return self.build_mask(layer_index, hidden, mask2d, cache, position_ids)
 
     def build_mask(self, layer_index: int, hidden: torch.Tensor, mask2d: torch.Tensor, cache, position_ids):
         """The attention mask layer ``layer_index`` gets for ``hidden`` (B, q, D) and the 2-D

@@ -16,6 +16,7 @@ from helpers import left_pad, prompt_ids, qwen2_vl_pixels, qwen2_vl_prompt
 from vtprune.evals.models import transformers_vlms as vlms
 
 LAYERS = 4  # decoder layers of every tiny LLM: room for fastv k=1 and pdrop's layers 1 and 2
+TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")  # per-token types (Qwen's M-RoPE; Gemma 3's image blocks)
 
 
 @dataclass
@@ -54,13 +55,13 @@ class FamilyCase:
 
     def text_only(self, inputs: dict) -> dict:
         """The per-token inputs of ``inputs`` (what a decode step or a continued cache receives)."""
-        return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", *TOKEN_TYPES)}
 
     def extend(self, inputs: dict, tokens: torch.Tensor) -> dict:
         """``inputs`` with ``tokens`` (B, n) appended as text after the prompt."""
         extended = dict(inputs)
         extended["input_ids"] = torch.cat([inputs["input_ids"], tokens], dim=1)
-        for key, value in (("attention_mask", 1), ("mm_token_type_ids", 0)):
+        for key, value in (("attention_mask", 1), *((types, 0) for types in TOKEN_TYPES)):
             if key in inputs:
                 extended[key] = torch.cat([inputs[key], torch.full_like(tokens, value)], dim=1)
         return extended
@@ -94,11 +95,12 @@ def _left_padded(samples: list[dict], padded: dict) -> dict:
     """One left-padded batch of ``samples``; ``padded``: the batched non-text inputs."""
     ids, mask = left_pad([s["input_ids"][0] for s in samples])
     batch = {"input_ids": ids, "attention_mask": mask, **padded}
-    if "mm_token_type_ids" in samples[0]:
-        types = torch.zeros_like(ids)
-        for row, s in enumerate(samples):
-            types[row, ids.shape[1] - s["input_ids"].shape[1] :] = s["mm_token_type_ids"][0]
-        batch["mm_token_type_ids"] = types
+    for key in TOKEN_TYPES:
+        if key in samples[0]:
+            types = torch.zeros_like(ids)
+            for row, s in enumerate(samples):
+                types[row, ids.shape[1] - s["input_ids"].shape[1] :] = s[key][0]
+            batch[key] = types
     return batch
 
 
@@ -246,6 +248,21 @@ def llava_next_video() -> FamilyCase:
     return FamilyCase(model, _left_padded(samples, padded), samples, (vlms.IMAGE_TOKEN_ID, vlms.VIDEO_TOKEN_ID))
 
 
+def gemma3() -> FamilyCase:
+    """One image per sample (<start_of_image> 16 tokens <end_of_image>), the processor's token types; the
+    tiny decoder's sliding window (8) is shorter than an image."""
+    model = _no_eos(vlms.tiny_gemma3(seed=1, layers=LAYERS))
+    samples = []
+    for index in range(2):
+        image = torch.cat([torch.tensor([vlms.BOI_TOKEN_ID]), torch.full((16,), vlms.IMAGE_TOKEN_ID)])
+        ids = _with_text(torch.cat([image, torch.tensor([vlms.EOI_TOKEN_ID])]), (3 + 4 * index, 2), seed=30 + index)
+        pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(30 + index))
+        types = (ids == vlms.IMAGE_TOKEN_ID).long()
+        samples.append({"input_ids": ids[None], "token_type_ids": types[None], "pixel_values": pixels})
+    padded = {"pixel_values": torch.cat([s["pixel_values"] for s in samples])}
+    return FamilyCase(model, _left_padded(samples, padded), samples, (vlms.IMAGE_TOKEN_ID,))
+
+
 FAMILIES = {
     "llava": llava,
     "llava_next": llava_next,
@@ -257,6 +274,7 @@ FAMILIES = {
     "llava_original": llava_original,
     "internvl": internvl,
     "llava_next_video": llava_next_video,
+    "gemma3": gemma3,
 }
 
 

@@ -148,14 +148,30 @@ class PruneRecord:
     def kv_cache_bytes(self) -> tuple[int, int] | None:
         """Bytes of the prefill's KV cache over all layers and samples: (unpruned, pruned).
 
-        Real tokens only (padding columns of a batch are not counted); None when unknown.
+        Real tokens only (padding columns of a batch are not counted); a sliding-window layer's dynamic
+        cache keeps at most its last window - 1 entries (Gemma 3's local layers); None when unknown.
         """
         if self._kv_bytes_per_token is None:
             return None
+        limits = self._cache_limits
+        before = sum(min(n, limit) for n in self._per_sample["before"] for limit in limits)
+        after = sum(min(n, limit) for counts in self.layer_tokens for n, limit in zip(counts, limits, strict=True))
+        return before * self._kv_bytes_per_token, after * self._kv_bytes_per_token
+
+    @cached_property
+    def _cache_limits(self) -> list[float]:
+        """Per decoder layer, the most prompt entries its dynamic cache keeps (``DynamicSlidingWindowLayer``:
+        the last sliding_window - 1; otherwise every entry, inf)."""
         num_layers = self._text_config.num_hidden_layers
-        before = sum(self._per_sample["before"]) * num_layers * self._kv_bytes_per_token
-        after = sum(sum(counts) for counts in self.layer_tokens) * self._kv_bytes_per_token
-        return before, after
+        try:  # transformers 5 (the original LLaVA package's 4.3x era has no sliding-window cache layers)
+            from transformers.cache_utils import get_layer_types_and_kwargs
+        except ImportError:
+            return [float("inf")] * num_layers
+        layer_types, options = get_layer_types_and_kwargs(self._text_config)
+        return [
+            option["sliding_window"] - 1 if kind == "sliding_attention" else float("inf")
+            for kind, option in zip(layer_types[:num_layers], options[:num_layers], strict=True)
+        ]
 
     def summary(self) -> dict:
         kv = self.kv_cache_bytes

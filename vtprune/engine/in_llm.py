@@ -10,8 +10,9 @@ the hooks and keeps the per-forward state per thread:
    layer on: at a probe layer it scores the columns with the last-prompt-token attention probe;
    at a cut layer it drops visual tokens from the hidden states; from the first cut on it hands
    every layer the reduced ``attention_mask``, ``position_ids`` and rotary
-   ``position_embeddings`` (the stack computes them once for the full sequence and passes the
-   same ones to every layer);
+   ``position_embeddings`` (computed once per cut, one per layer type where the backbone has
+   several: Gemma 3's local and global rotary), and the masks built by the backbone from the
+   kept columns (at a prefill it also gets which columns are visual: Gemma 3's image blocks);
 3. :meth:`InLLMStage.finish_prefill` in the stack's forward hook: the
    :class:`PrunedPromptStages` decode steps need, and an :class:`LLMPrefillResult`;
 4. :meth:`InLLMStage.start_decode` at later forwards on the pruned cache: the per-stage masks
@@ -152,18 +153,22 @@ class InLLMStage:
         kind = self.backbone.mask_kind(layer_index)
         if kind not in forward.masks:
             substitute = forward.substitute
-            forward.masks[kind] = self.backbone.build_mask(
+            mask_args = (
                 layer_index,
                 hidden,
                 substitute["mask2d"],
                 kwargs.get("cache"),
                 self._layer_positions(substitute["position_ids"]),
             )
+            if "visual" in substitute:  # a prefill
+                forward.masks[kind] = self.backbone.build_prefill_mask(*mask_args, substitute["visual"])
+            else:
+                forward.masks[kind] = self.backbone.build_mask(*mask_args)
         new_kwargs = dict(
             kwargs,
             attention_mask=forward.masks[kind],
             position_ids=self._layer_positions(forward.substitute["position_ids"]),
-            position_embeddings=forward.substitute["position_embeddings"],
+            position_embeddings=self.backbone.layer_rotary(layer_index, forward.substitute["position_embeddings"]),
         )
         if args:
             return (hidden, *args[1:]), new_kwargs
@@ -201,13 +206,19 @@ class InLLMStage:
         )
         return _Forward(prefill=True, stages=[stage0])
 
-    def _current_embeddings(self, forward: _Forward, kwargs: dict):
-        return forward.substitute.get("position_embeddings", kwargs.get("position_embeddings"))
+    def _current_embeddings(self, layer_index: int, forward: _Forward, kwargs: dict):
+        embeddings = forward.substitute.get("position_embeddings")
+        if embeddings is None:
+            return kwargs.get("position_embeddings")
+        return self.backbone.layer_rotary(layer_index, embeddings)
 
     def _probe(self, layer_index, hidden, forward: _Forward, kwargs) -> torch.Tensor:
         columns = forward.stages[-1]
         return last_token_attention(
-            hidden, columns.mask2d.bool(), self.parts[layer_index], self._current_embeddings(forward, kwargs)
+            hidden,
+            columns.mask2d.bool(),
+            self.parts[layer_index],
+            self._current_embeddings(layer_index, forward, kwargs),
         )
 
     def _cut(self, layer_index, hidden, forward: _Forward, kwargs) -> torch.Tensor:
@@ -239,6 +250,7 @@ class InLLMStage:
             "mask2d": new.mask2d,
             "position_ids": new.positions,
             "position_embeddings": self.backbone.rotary(hidden, new.positions),
+            "visual": new.visual_index >= 0,  # for families whose prefill mask depends on it (Gemma 3's image blocks)
         }
         forward.masks = {}
         return hidden
@@ -267,7 +279,7 @@ class InLLMStage:
             embeddings = None
             positions = positions - stage.shift
         else:
-            embeddings = kwargs.get("position_embeddings")
+            embeddings = kwargs.get("position_embeddings") if self.backbone.shared_rotary else None
         forward.substitute = {
             "mask2d": torch.cat([stage.mask2d, forward.extra_mask.to(stage.mask2d.dtype)], dim=1),
             "position_ids": positions,

@@ -122,6 +122,14 @@ class StageStack:
         prompt = self._prompts.get(cache) if cache is not None else None
         return prompt.pre if prompt is not None else None
 
+    def prefill_columns(self, values: torch.Tensor, fill=0) -> torch.Tensor | None:
+        """(B, L) per-column values of the prompt now entering the LLM (e.g. the token types a family's
+        mask reads), cut like the prompt by the pre-LLM stage; None when no pruned prefill is entering."""
+        prompt = self.state.filling
+        if prompt is None or prompt.pre is None:
+            return None
+        return self.pre.map_columns(prompt.pre, values.to(prompt.pre.cut.source.device), fill=fill)
+
     def removed_tokens(self, cache) -> int:
         """How many fewer entries ``cache`` holds than the unpruned prompt would (0: not pruned by us).
 
