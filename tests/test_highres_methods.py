@@ -53,16 +53,26 @@ def test_fopru_per_image_budget_on_crops(strategy):
     assert keep.sum(dim=1).tolist() == layout.valid.sum(dim=1).clamp(max=5).tolist()
 
 
-def test_hired_budgets_are_exact_and_follow_early_attention():
+@pytest.mark.parametrize("budget_base", ["canvas", "valid"])
+def test_hired_budgets_are_exact_and_follow_early_attention(budget_base):
     for seed in range(20):
         layout, generator = random_layout(seed)
         scores = {"cls": torch.rand(layout.valid.shape, generator=generator)}
         scores["early"] = torch.rand(layout.valid.shape, generator=generator)
-        config = HiREDConfig(budget_ratio=0.3, alpha=0.5)
+        config = HiREDConfig(budget_ratio=0.3, alpha=0.5, budget_base=budget_base)
         keep = HiRED(config).select_crops(scores, layout)
-        total = int((layout.valid.sum() * 0.3 + 0.5).floor())
-        assert int(keep.sum()) == total
-        assert int(keep[0].sum()) == total // 2  # floor(total * alpha)
+        subimages, tokens = layout.valid.shape
+        crop_tokens = int(layout.valid[1:].sum())
+        if budget_base == "canvas":  # the official HiRED_token_selection budgets over the padded canvas
+            total = int(subimages * tokens * 0.3)
+            base = min(int(total * 0.5), tokens)
+            crops = min(total - base, (subimages - 1) * tokens)
+            assert int(keep[0].sum()) == base
+            assert int(keep[1:].sum()) == min(crops, crop_tokens)  # only tokens that exist compete
+        else:
+            total = int((layout.valid.sum() * 0.3 + 0.5).floor())
+            assert int(keep.sum()) == total
+            assert int(keep[0].sum()) == total // 2  # floor(total * alpha)
         assert not (keep & ~layout.valid).any()
         # within each sub-image: the top of the feature-layer [CLS] attention
         for row in range(layout.num_subimages):
@@ -73,9 +83,13 @@ def test_hired_budgets_are_exact_and_follow_early_attention():
     layout = CropLayout((4, 4), (2, 2), torch.ones(5, 16, dtype=torch.bool))
     early = torch.zeros(5, 16)
     early[0, [0, 1, 4, 5]] = 1.0
-    hired = HiRED(HiREDConfig(budget_ratio=0.2, alpha=0.5))
+    hired = HiRED(HiREDConfig(budget_ratio=0.2, alpha=0.5, budget_base="valid"))
     keep = hired.select_crops({"cls": torch.rand(5, 16), "early": early}, layout)
     assert keep.sum(dim=1).tolist() == [8, 8, 0, 0, 0]
+    keep = HiRED(HiREDConfig(budget_ratio=0.2, alpha=0.5)).select_crops(
+        {"cls": torch.rand(5, 16), "early": early}, layout
+    )
+    assert keep.sum(dim=1).tolist() == [8, 8, 0, 0, 0]  # int(80 * 0.2) = 16: the same on an unpadded canvas
 
 
 def test_globalcom2_retention_and_exact_total():
@@ -102,3 +116,19 @@ def test_globalcom2_crop_ranking_mixes_own_and_thumbnail_attention():
     keep = GlobalCom2(GlobalCom2Config(keep_ratio=0.5, temperature=0.01)).select_crops({"cls": cls}, layout)
     assert keep.sum().item() == 6 and keep[0].tolist() == [True, False, True, False]
     assert keep[1].sum() > keep[2].sum()  # the commanded crop keeps more
+
+
+def test_hired_budget_bases_on_a_padded_image_keep_the_docstring_figures():
+    """800 x 600 on LLaVA-NeXT: 2 x 2 crops of 24 x 24 tokens, the canvas' top and bottom 6 rows are padding
+    (36 of 48 rows exist): 2304 of 2880 tokens. At 0.2 the official canvas base keeps int(2880 * 0.2) = 576,
+    the valid base round(2304 * 0.2) = 461 (-20 %)."""
+    canvas = torch.zeros(48, 48, dtype=torch.bool)
+    canvas[6:42] = True
+    crops = canvas.view(2, 24, 2, 24).permute(0, 2, 1, 3).reshape(4, 576)
+    layout = CropLayout((24, 24), (2, 2), torch.cat([torch.ones(1, 576, dtype=torch.bool), crops]))
+    scores = {"cls": torch.rand(5, 576, generator=torch.Generator().manual_seed(0)), "early": torch.rand(5, 576)}
+    kept = {
+        base: int(HiRED(HiREDConfig(budget_base=base)).select_crops(scores, layout).sum())
+        for base in ("canvas", "valid")
+    }
+    assert kept == {"canvas": 576, "valid": 461}

@@ -89,7 +89,7 @@ def kept_visual_per_subimage(model, record, sizes, sample=0):
 @pytest.mark.parametrize(
     "spec, total",
     [
-        ("hired:budget_ratio=0.3", lambda valid: round(0.3 * valid)),
+        ("hired:budget_ratio=0.3,budget_base=valid", lambda valid: round(0.3 * valid)),
         ("globalcom2:keep_ratio=0.25", lambda v: round(v / 4)),
     ],
 )
