@@ -474,3 +474,45 @@ def tiny_gemma3(seed: int = 0, attn_implementation="sdpa", layers=4, sliding_win
                 parameter.normal_(1.0, 0.1)
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     return model
+
+
+def _tiny_idefics3_family(config_class, model_class, seed, attn_implementation, layers):
+    config = config_class(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=4,
+        ),
+        text_config=text_config(layers=layers).to_dict(),
+        image_token_id=IMAGE_TOKEN_ID,
+        scale_factor=2,
+        tie_word_embeddings=False,
+    )
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():  # the init zeroes the tower's LayerNorm weights: give them values
+        for name, parameter in model.model.vision_model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                parameter.normal_(1.0, 0.1)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
+def tiny_idefics3(seed: int = 0, attn_implementation="sdpa", layers=2):
+    """A few-layer Idefics3: 32 px SigLIP-style tiles (8 x 8 patches of 4 px, no [CLS]), pixel shuffle 2
+    (16 tokens per tile: each the 2 x 2 block of patches, concatenated), a Llama decoder at ``text_model``."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    return _tiny_idefics3_family(Idefics3Config, Idefics3ForConditionalGeneration, seed, attn_implementation, layers)
+
+
+def tiny_smolvlm(seed: int = 0, attn_implementation="sdpa", layers=2):
+    """A few-layer SmolVLM, shaped as :func:`tiny_idefics3` (SmolVLM's code path: the same layout)."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    return _tiny_idefics3_family(SmolVLMConfig, SmolVLMForConditionalGeneration, seed, attn_implementation, layers)
