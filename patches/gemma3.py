@@ -23,8 +23,8 @@ What the adapter does (hooks on this instance, undone by ``remove()``):
   with its documented substitute ``score="received"``, fopru with its own received score). The
   probe scores every patch of the last encoder layer (the one feeding the projector); an LLM
   token scores the *mean of its k x k patches' scores*: the projector's own pooling applied to
-  the score map (:func:`pool_scores`), so a token's score is the average attention its patches
-  receive, as its embedding is the average of theirs.
+  the score map (:func:`vtprune.patches._grids.block_mean`), so a token's score is the average
+  attention its patches receive, as its embedding is the average of theirs.
 - masks after a cut: the language model's pre-hook sees the dict the model built for the
   unpruned sequence. A first pre-hook (before the stage stack's) hands the stack the caller's
   2-D padding mask instead; a last one (after it) gives the decoder the masks for the sequence it
@@ -51,17 +51,8 @@ from vtprune.engine.pre_llm import fixed_layout_selector
 from vtprune.patches import register_adapter
 from vtprune.patches._backbones import LlamaStyleBackbone
 from vtprune.patches._base import Adapter
+from vtprune.patches._grids import block_mean
 from vtprune.types import VisualInputs, VisualLayout
-
-
-def pool_scores(scores: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
-    """(images, side * side) patch scores -> (images, tokens_per_image): the mean over each k x k block,
-    k = side / sqrt(tokens_per_image), in raster order (as ``Gemma3MultiModalProjector`` pools)."""
-    images, patches = scores.shape
-    side, tokens_side = round(patches**0.5), round(tokens_per_image**0.5)
-    kernel = side // tokens_side
-    pooled = torch.nn.functional.avg_pool2d(scores.view(images, 1, side, side), kernel, kernel)
-    return pooled.flatten(1)
 
 
 class Gemma3Backbone(LlamaStyleBackbone):
@@ -153,7 +144,8 @@ class Gemma3Adapter(Adapter):
         return Gemma3Backbone(self.language_model, lambda: self.stack.state.family.get("token_type_ids") is not None)
 
     def visual_inputs(self, kind, arguments, scores) -> VisualInputs:
-        pooled = {name: pool_scores(s, self.tokens_per_image) for name, s in scores.items()}
+        kernel = self.vision_config.image_size // self.vision_config.patch_size // round(self.tokens_per_image**0.5)
+        pooled = {name: block_mean(s, kernel) for name, s in scores.items()}
         return VisualInputs(count=arguments["pixel_values"].shape[0], scores=pooled)
 
     def selector(self, method, layout):

@@ -263,6 +263,30 @@ def gemma3() -> FamilyCase:
     return FamilyCase(model, _left_padded(samples, padded), samples, (vlms.IMAGE_TOKEN_ID,))
 
 
+def _idefics3_family(build) -> FamilyCase:
+    """A split image (a tile, then the global image) and a lone image: the batch's pixel_values pad the
+    second sample with an all-zero image, which the model drops."""
+    model = _no_eos(build(seed=1, layers=LAYERS))
+    samples = []
+    for index, images in enumerate((2, 1)):
+        tile = torch.cat([torch.tensor([vlms.BOI_TOKEN_ID]), torch.full((16,), vlms.IMAGE_TOKEN_ID)])
+        ids = _with_text(torch.cat([tile] * images), (3 + 4 * index, 2), seed=40 + index)
+        pixels = torch.randn(1, images, 3, 32, 32, generator=torch.Generator().manual_seed(40 + index))
+        samples.append({"input_ids": ids[None], "pixel_values": pixels})
+    padded = torch.zeros(2, 2, 3, 32, 32)
+    for row, sample in enumerate(samples):
+        padded[row, : sample["pixel_values"].shape[1]] = sample["pixel_values"][0]
+    return FamilyCase(model, _left_padded(samples, {"pixel_values": padded}), samples, (vlms.IMAGE_TOKEN_ID,))
+
+
+def idefics3() -> FamilyCase:
+    return _idefics3_family(vlms.tiny_idefics3)
+
+
+def smolvlm() -> FamilyCase:
+    return _idefics3_family(vlms.tiny_smolvlm)
+
+
 FAMILIES = {
     "llava": llava,
     "llava_next": llava_next,
@@ -275,6 +299,8 @@ FAMILIES = {
     "internvl": internvl,
     "llava_next_video": llava_next_video,
     "gemma3": gemma3,
+    "idefics3": idefics3,
+    "smolvlm": smolvlm,
 }
 
 
