@@ -281,3 +281,63 @@ def test_quota_frames_keep_the_video_time_step(monkeypatch):
     rows = original(grids, times, first)
     kept_frames = [i for i, grid in enumerate(grids) if grid is not None]
     assert set(rows[0].tolist()) == {start + int(i * 2 * SECONDS) for i in kept_frames}
+
+
+# -- lmms-eval end to end (base=qwen2_5_vl; test_qwen3_vl.py: base=qwen3_vl) -----------------------
+def save_tiny_qwen(path, builder, answer="red"):
+    """save_pretrained a tiny Qwen-VL family model that always answers ``answer`` and its processor."""
+    from eval_helpers import answer_always
+
+    from vtprune.evals.models.processors import build_qwen2_vl_processor
+    from vtprune.evals.tasks import shapes
+
+    processor = build_qwen2_vl_processor(shapes.corpus())
+    tokenizer = processor.tokenizer
+    model = builder(vocab=len(tokenizer), hidden=128)  # one-hot embeddings: hidden >= vocabulary
+    answer_always(model, tokenizer, answer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def run_shapes_task(tmp_path, base, builder, method, limit=4):
+    """``python -m lmms_eval --model vtprune --model_args base=BASE,...`` on the offline shapes task with
+    ``limit`` samples; asserts the accuracy (the model always answers red) and returns the per-sample
+    statistics."""
+    import json
+
+    pytest.importorskip("qwen_vl_utils", reason="lmms-eval's Qwen classes need qwen-vl-utils")
+    from eval_helpers import run_lmms_eval
+
+    from vtprune.evals.tasks import shapes
+    from vtprune.evals.tasks.make_task import make_builtin_task
+
+    model_dir = save_tiny_qwen(tmp_path / "model", builder)
+    task_dir = make_builtin_task("vtprune_shapes", tmp_path / "tasks", n=limit)
+    stats = tmp_path / "stats.json"
+    model_args = (
+        f"base={base},pretrained={model_dir},device=cpu,min_pixels=1024,max_pixels=4096,{method},stats_path={stats}"
+    )
+    result = run_lmms_eval(
+        ["--model", "vtprune", "--model_args", model_args, "--tasks", "vtprune_shapes"]
+        + ["--include_path", str(task_dir.parent), "--output_path", str(tmp_path / "out")],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    (results_file,) = (tmp_path / "out").rglob("*_results.json")
+    accuracy = json.loads(results_file.read_text())["results"]["vtprune_shapes"]["exact_match,none"]
+    expected = sum(r["answer"] == "red" for r in shapes.records(limit)) / limit  # the model always answers red
+    assert 0 < expected < 1 and accuracy == pytest.approx(expected)
+    return json.loads(stats.read_text())["samples"]
+
+
+def test_lmms_eval_runs_base_qwen2_5_vl_pruned(tmp_path):
+    """lmms-eval's Qwen2.5-VL class resizes the 64 px images to multiples of 28 px within max_pixels 4096
+    (56 x 56), the processor keeps multiples of 8 px: 14 x 14 patches of 4 px, 7 x 7 = 49 visual tokens."""
+    samples = run_shapes_task(tmp_path, "qwen2_5_vl", tiny_qwen2_5_vl, "method=fopru,keep_ratio=0.25")
+    assert len(samples) == 4
+    for sample in samples:
+        assert (sample["visual_tokens_in"], sample["visual_tokens_kept"]) == (49, 12)  # int(0.25 x 49) per frame
+        assert sample["llm_prompt_tokens"] == sample["prompt_tokens"] - (49 - 12)
+        assert sample["flops_after"] < sample["flops_before"]

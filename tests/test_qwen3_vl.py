@@ -200,3 +200,16 @@ def test_refusals_name_the_reason():
     with pytest.raises(ValueError, match="no \\[CLS\\] token"):
         vtprune.patch(m, "hired")
     assert vtprune.get_handle(m) is None
+
+
+def test_lmms_eval_runs_base_qwen3_vl_pruned_inside_the_llm(tmp_path):
+    """base=qwen3_vl through lmms-eval: its class resizes the 64 px images to multiples of 32 px (64 x 64),
+    the processor keeps them: 16 x 16 patches of 4 px, 8 x 8 = 64 visual tokens. FastV at layer 1, before
+    the DeepStack injections at layers 1 and 2, keeps half of them."""
+    import test_qwen2_5_vl
+
+    samples = test_qwen2_5_vl.run_shapes_task(tmp_path, "qwen3_vl", tiny_qwen3_vl, "method=fastv,k=1,ratio=0.5")
+    assert len(samples) == 4
+    for sample in samples:
+        assert (sample["visual_tokens_in"], sample["visual_tokens_kept"]) == (64, 32)
+        assert sample["flops_after"] < sample["flops_before"]

@@ -450,6 +450,8 @@ def _with_device_map(base_cls, kwargs: dict) -> dict:
     """A ``device_map`` the base can load with in a single process.
 
     - ``device_map=""`` (lmms-eval's llava_hf default), which transformers 5 rejects: the device.
+    - ``device_map="auto"`` (lmms-eval's ``qwen2_5_vl`` and ``qwen3_vl``), under which those bases move
+      every input to ``"cuda"``: on a device that is not CUDA (``device=cpu``), that device.
     - ``device_map="cuda:0"`` (lmms-eval's ``llava``, the original LLaVA package), which puts the
       model on ``cuda:<rank>`` whatever ``device`` says unless ``device_map="auto"``: on a device
       that is not CUDA (``device=cpu``, or no ``device`` and no CUDA here) pass ``device_map=auto``
@@ -465,6 +467,8 @@ def _with_device_map(base_cls, kwargs: dict) -> dict:
         return kwargs
     default_device = parameters["device"].default if "device" in parameters else None
     if parameter.default == "":
+        return {**kwargs, "device_map": str(kwargs.get("device", default_device))}
+    if parameter.default == "auto" and not str(kwargs.get("device", default_device)).startswith("cuda"):
         return {**kwargs, "device_map": str(kwargs.get("device", default_device))}
     if isinstance(parameter.default, str) and parameter.default.startswith("cuda"):
         device = kwargs.get("device")
