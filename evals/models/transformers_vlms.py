@@ -516,3 +516,41 @@ def tiny_smolvlm(seed: int = 0, attn_implementation="sdpa", layers=2):
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
     return _tiny_idefics3_family(SmolVLMConfig, SmolVLMForConditionalGeneration, seed, attn_implementation, layers)
+
+
+def qwen2_5_vl_shaped(layers: int = 3, vision_depth: int = 2, vocab: int = 4096, seed: int = 0):
+    """Qwen2.5-VL-7B's widths with fewer layers: a ViT 1280 wide (16 heads, MLP 3420, patch 14, windows of
+    112 px; ``vision_depth`` blocks, the last attending over the whole image as the released blocks 7, 15,
+    23, 31 do) merging 2 x 2 patches into a 3584-wide LLM (28 heads, 4 KV heads, MLP 18944, M-RoPE
+    16/24/24), ``layers`` of its 28 layers. The vocabulary is ``vocab`` (the checkpoint's 152064 would add
+    4 GB of embeddings; a prefill computes the last position's logits only). Random weights, fp32, SDPA."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[vision_depth - 1],
+            tokens_per_second=2,
+            out_hidden_size=3584,
+        ),
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=layers,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+            pad_token_id=PAD_TOKEN_ID,
+        ),
+        **_qwen_tokens(),
+    )
+    return _build_qwen(Qwen2_5_VLForConditionalGeneration, config, seed, "sdpa")
