@@ -38,14 +38,26 @@ import torch
 from vtprune.engine.generation import continue_pruned_cache, placeholder_columns, refuse_chunked_prefill
 from vtprune.engine.in_llm import InLLMStage
 from vtprune.engine.pre_llm import PreLLMStage
-from vtprune.engine.probe import cls_attention_row, head_mean_keys, received_attention
+from vtprune.engine.probe import (
+    cls_attention_row,
+    head_mean_keys,
+    raw_keys,
+    received_attention,
+    single_head_cls_row,
+)
 from vtprune.engine.stages import StageStack
 from vtprune.methods.base import BudgetConfig
 from vtprune.patches import InstanceMethodPatch
 from vtprune.patches._backbones import llm_backbone
 from vtprune.types import PrefillInputs, VisualInputs, VisualLayout
 
-PROBES = {"cls": cls_attention_row, "received": received_attention, "keys": head_mean_keys}
+PROBES = {
+    "cls": cls_attention_row,
+    "received": received_attention,
+    "keys": head_mean_keys,
+    "cls_single_head": single_head_cls_row,
+    "raw_keys": raw_keys,
+}
 
 
 class VisualKind(NamedTuple):
@@ -252,7 +264,7 @@ class Adapter:
                 f"method {method.name!r} resizes frames (video frames, or images as frames) and is supported on "
                 f"LLaVA-OneVision and Qwen2-VL; {type(self.model).__name__} is not supported yet"
             )
-        needs_cls = any(kind == "cls" for kind, _ in method.vision_probes().values())
+        needs_cls = any(kind in ("cls", "cls_single_head") for kind, _ in method.vision_probes().values())
         if needs_cls and not self.has_cls_token():
             raise ValueError(
                 f"method {method.name!r} scores by [CLS] attention, but the vision tower "

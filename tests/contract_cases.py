@@ -346,4 +346,9 @@ METHODS = {
         no_keep_all=dict.fromkeys(FAMILIES, "[CLS] joins the tokens and the rest is merged: never the unpruned image"),
     ),
     "pool": _RATIO,
+    "prumerge_plus": MethodCase(
+        small={"keep_tokens": 4},
+        keep_all={},
+        no_keep_all=dict.fromkeys(FAMILIES, "every kept token is merged with its neighbours: never the unpruned image"),
+    ),
 }

@@ -214,3 +214,89 @@ def test_merge_map_survives_expanded_rows(model):
         model.generate(input_ids=ids, pixel_values=px, max_new_tokens=1, num_return_sequences=2, do_sample=True)
         expanded = handle.last.stages[0].merged
     assert [m.tolist() for m in expanded] == [plain[0].tolist()] * 2 + [plain[1].tolist()] * 2
+
+
+# -- PruMerge+: the official rule, restated ---------------------------------------------------
+
+
+def official_prumerge_plus(model, pixel_values, neighbours):
+    """PruMerge+ as ``token_prune_merge_advanced_plus`` computes it (adaptive, one image), projected.
+
+    q / k: the last layer's q_proj / k_proj outputs; one full-width head; IQR on the [CLS] row with
+    numpy's percentiles; top patches in descending order, then the stride samples not among them;
+    each chosen token adds the score-weighted sum of its nearest keys among the rest (the other chosen
+    tokens, then the others ascending); the extra token sums the others. Returns (tokens, chosen).
+    """
+    import numpy as np
+
+    tower = model.model.vision_tower
+    layer = tower.encoder.layers[-1]
+    captured = {}
+    hooks = [
+        layer.self_attn.k_proj.register_forward_hook(lambda m, a, out: captured.update(k=out)),
+        layer.self_attn.q_proj.register_forward_hook(lambda m, a, out: captured.update(q=out)),
+    ]
+    with torch.no_grad():
+        out = tower(pixel_values, output_hidden_states=True)
+    for hook in hooks:
+        hook.remove()
+    features = out.hidden_states[-2][:, 1:]
+    _, patches, width = features.shape
+    attn = ((captured["q"] @ captured["k"].transpose(-2, -1)) * width**-0.5).softmax(dim=-1)
+    cls_attn = attn[:, 0, 1:]
+    values = cls_attn.float().numpy().flatten()
+    q1, q3 = np.percentile(values, 25), np.percentile(values, 75)
+    ratio = len(np.where(values > q3 + 1.5 * (q3 - q1))[0]) / len(values)
+    _, idx = torch.topk(cls_attn, int(patches * ratio), dim=1, largest=True)
+    step = int(1 / ratio)
+    sequence = torch.arange(0, patches - 1, int(step / 3))
+    idx = torch.cat([idx, torch.tensor([x for x in sequence.tolist() if x not in idx.flatten().tolist()])[None]], dim=1)
+    keys = captured["k"][:, 1:]
+    chosen = idx[0].tolist()
+    others = sorted(set(range(patches)) - set(chosen))
+    normed = torch.nn.functional.normalize(keys[0], p=2, dim=-1)
+    rows = []
+    for i, token in enumerate(chosen):
+        rest = chosen[:i] + chosen[i + 1 :] + others
+        similarity = normed[token][None] @ normed[rest].T
+        nearest = [rest[j] for j in similarity.topk(neighbours, dim=1).indices[0].tolist()]
+        rows.append(features[0, token] + (features[0, nearest] * cls_attn[0, nearest][:, None]).sum(dim=0))
+    rows.append((features[0, others] * cls_attn[0, others][:, None]).sum(dim=0))
+    with torch.no_grad():
+        return model.model.multi_modal_projector(torch.stack(rows)), chosen
+
+
+@pytest.mark.parametrize("seed", [1, 16, 32, 19, 47])  # images with 1, 2, 3, 4 and 5 IQR outliers of 64
+def test_prumerge_plus_equals_the_official_tokens_spliced_into_the_prompt(model, seed):
+    px, ids = images(1, seed=seed), prompt(seed=seed)
+    expected, chosen = official_prumerge_plus(model, px, neighbours=32)
+    logits, last = patched_logits(model, ids, px, "prumerge_plus")
+    torch.testing.assert_close(logits[0], spliced_logits(model, ids, expected), atol=1e-4, rtol=1e-4)
+    groups = [len(chosen)] * (SIDE * SIDE)
+    for row, patch in enumerate(chosen):
+        groups[patch] = row
+    assert last.stages[0].merged[0].tolist() == groups
+    assert last.visual_tokens_kept == [len(chosen) + 1]
+
+
+def test_prumerge_plus_without_outliers_keeps_the_top_patch(model):
+    """Where the official code divides by zero (no IQR outlier), vtprune takes r = 1 / N: the top patch
+    and the stride samples int(N / 3) apart."""
+    px, ids = images(1, seed=0), prompt(seed=0)  # no outlier among the 64 scores
+    _, last = patched_logits(model, ids, px, "prumerge_plus")
+    groups = last.stages[0].merged[0]
+    extra = int(groups.max())  # the extra token comes last
+    chosen = (groups != extra).nonzero().flatten().tolist()
+    spatial = set(range(0, SIDE * SIDE - 1, SIDE * SIDE // 3))
+    assert spatial <= set(chosen) and len(chosen) in (len(spatial), len(spatial) + 1) and extra == len(chosen)
+
+
+@pytest.mark.parametrize("keep", [8, 16, 33])
+def test_prumerge_plus_fixed_budget_sends_exactly_that_many_tokens(model, keep):
+    px = images(2, seed=keep)
+    ids = torch.cat([prompt(seed=1), prompt(seed=2)])
+    logits, last = patched_logits(model, ids, px, "prumerge_plus", keep_tokens=keep)
+    assert last.visual_tokens_kept == [keep, keep]
+    for b in range(2):  # batch = alone
+        alone, _ = patched_logits(model, ids[b : b + 1], px[b : b + 1], "prumerge_plus", keep_tokens=keep)
+        torch.testing.assert_close(logits[b], alone[0], atol=1e-5, rtol=1e-5)

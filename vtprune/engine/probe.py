@@ -52,6 +52,19 @@ def head_mean_keys(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, sc
     return keys.float().view(n, num_tokens, num_heads, dim // num_heads).mean(dim=2)
 
 
+def single_head_cls_row(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """[CLS]'s attention with the projections taken as one head of their full width D: softmax over all
+    keys of q_0 . k / sqrt(D) (PruMerge's score; ``num_heads`` and ``scale`` unused). (n, T) fp32."""
+    cls_query = (queries[:, 0] if queries.dim() == 3 else queries).float()
+    logits = (cls_query[:, None] @ keys.float().transpose(1, 2))[:, 0] * keys.shape[-1] ** -0.5
+    return logits.softmax(dim=-1)
+
+
+def raw_keys(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """A layer's keys as its k projection gives them, all heads together: (n, T, D) fp32 (PruMerge's metric)."""
+    return keys.float()
+
+
 @dataclass(frozen=True)
 class AttentionParts:
     """What the LLM probe needs from one decoder layer (filled in by a backbone helper).

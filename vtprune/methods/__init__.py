@@ -9,6 +9,7 @@ from vtprune.methods import (  # noqa: F401
     hired,
     pdrop,
     pool,
+    prumerge_plus,
     quota,
     visionzip,
 )
