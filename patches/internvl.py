@@ -17,9 +17,12 @@ What the model looks like:
 - 1-D positions; the decoder is the text model (Qwen2 for InternVL3, Qwen3 for InternVL3.5).
 
 Scores of a token: the *sum* of its block's four patch scores (for the [CLS] row: the attention
-mass [CLS] puts on the token's content). A sum and a mean rank tokens the same; the sum keeps the
-[CLS] row a distribution over the tile's tokens as on towers without pixel shuffle, which the
-mass-based allocations (HiRED's crop weights, GlobalCom²'s crop retention softmax) depend on.
+mass [CLS] puts on the token's content). A sum and a mean rank tokens the same; with the sum, a
+region's total over its tokens is its total over its patches, as on a tower without pixel shuffle,
+which the region-based allocations (HiRED's crop weights, GlobalCom²'s crop retention softmax over
+the thumbnail's blocks) depend on, and the [CLS] row stays a distribution over the tile's tokens.
+Only probes that give one score per patch are pooled this way; a method that reads token features
+from the tower is refused at patch time.
 
 Selection per image over its tiles (the AnyRes conventions of :mod:`vtprune.methods.highres`): the
 thumbnail is the base image (row 0 of a :class:`~vtprune.types.CropLayout`; the model's last tile)
@@ -48,6 +51,8 @@ import torch.nn.functional as F
 from vtprune.patches import register_adapter
 from vtprune.patches._base import Adapter
 from vtprune.types import CropLayout, VisualInputs, VisualLayout
+
+SCORE_PROBES = ("cls", "received", "cls_logits")  # probe kinds with one score per patch: summed per block
 
 
 @register_adapter
@@ -79,6 +84,16 @@ class InternVLAdapter(Adapter):
             )
         if not isinstance(self.vision_feature_layer, int):
             raise ValueError(f"InternVL takes one vision_feature_layer, got {self.vision_feature_layer!r}")
+
+    def check_pre_llm(self, method) -> None:
+        super().check_pre_llm(method)
+        features = sorted(kind for kind, _ in method.vision_probes().values() if kind not in SCORE_PROBES)
+        if features:
+            raise ValueError(
+                f"method {method.name!r} reads {', '.join(features)} from the vision tower, but an InternVL token is "
+                "a 2 x 2 block of patches (pixel shuffle) and vtprune pools only per-patch scores over a block; "
+                "use fastervlm, fopru, random, uniform, hired or globalcom2"
+            )
 
     # -- the tower --------------------------------------------------------------------------------
     def vision_layers(self) -> torch.nn.ModuleList:

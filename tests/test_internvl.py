@@ -320,3 +320,28 @@ def test_processor_image_and_video_prompt_keeps_the_top_of_each_tile_and_frame(m
     image = reference[:3].flatten().topk(12).indices.sort().values
     expected = torch.cat([image] + [reference[t].topk(4).indices.sort().values + t * N for t in range(3, tiles)])
     assert handle.last.stages[0].kept[0].tolist() == expected.tolist()
+
+
+def test_a_method_reading_token_features_from_the_tower_is_refused_at_patch_time(models):
+    from dataclasses import dataclass
+
+    from vtprune.methods.base import BudgetConfig, Method
+    from vtprune.registry import _METHODS
+
+    @dataclass
+    class KeysConfig(BudgetConfig):
+        pass
+
+    class KeysMethod(Method):  # a per-patch feature probe, which a 2 x 2 block sum would garble
+        name = "keys_probe_test"
+        config_class = KeysConfig
+
+        def vision_probes(self):
+            return {"keys": ("keys", "feature")}
+
+    vtprune.register_method(KeysMethod)
+    try:
+        with pytest.raises(ValueError, match="pools only per-patch scores"):
+            vtprune.patch(models[0], "keys_probe_test", keep_ratio=0.5)
+    finally:
+        _METHODS.pop(KeysMethod.name, None)
