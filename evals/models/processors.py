@@ -122,3 +122,33 @@ def build_qwen2_vl_processor(corpus: list[str], vocab_size: int = 128, max_side:
         tokenizer=tokenizer,
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
+
+
+GEMMA3_SPECIAL_TOKENS = [  # ids match transformers_vlms.tiny_gemma3: image 3, <start_of_image> 5, <end_of_image> 6
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<image_soft_token>",
+    "<unk>",
+    "<start_of_image>",
+    "<end_of_image>",
+]
+GEMMA3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<start_of_image>")
+
+
+def build_gemma3_processor(corpus: list[str], vocab_size: int = 128, image_size: int = 64, tokens_per_image: int = 16):
+    """A ``Gemma3Processor`` for ``transformers_vlms.tiny_gemma3`` (64 px images, 16 tokens per image)."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    tokenizer = build_tokenizer(
+        corpus,
+        vocab_size,
+        GEMMA3_SPECIAL_TOKENS,
+        {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+    )
+    return Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=tokens_per_image,
+    )

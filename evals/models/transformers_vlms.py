@@ -429,7 +429,7 @@ EOI_TOKEN_ID = 6  # Gemma 3's <end_of_image>
 GLOBAL_IMAGE_TOKEN_ID = 7  # Idefics3's <global-img>
 
 
-def tiny_gemma3(seed: int = 0, attn_implementation="sdpa", layers=4, sliding_window=8, tokens_per_image=16):
+def tiny_gemma3(seed: int = 0, attn_implementation="sdpa", layers=4, sliding_window=8, tokens_per_image=16, vocab=128):
     """A few-layer Gemma 3: 64 px SigLIP tower (16 x 16 patches of 4 px, no [CLS]) average-pooled 4 x 4 to
     ``tokens_per_image`` (16: a 4 x 4 grid) tokens per image, as Gemma 3's 64 x 64 -> 16 x 16; a Gemma 3
     decoder whose layers alternate sliding (window ``sliding_window``, shorter than an image) and full."""
@@ -439,7 +439,7 @@ def tiny_gemma3(seed: int = 0, attn_implementation="sdpa", layers=4, sliding_win
         hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=64, patch_size=4
     )
     text = Gemma3TextConfig(
-        vocab_size=128,
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
