@@ -15,8 +15,9 @@ What the model looks like:
 Video scores are pooled as the features are: a probe's per-patch score map goes through the same
 pooling (average or max, same kernel and stride), so a frame token's score is its patch block's mean
 (or max). A ``"conv"`` resampler is learned and has no score counterpart: scored methods are refused on
-it at patch time. Each frame is selected like a lone image (``select_crops`` on one pooled grid, so the
-crop-budget methods, HiRED and GlobalCom², run per frame as on a base image alone).
+it at patch time, as are methods that read token features (not scores) from the tower. Each frame is
+selected like a lone image (``select_crops`` on one pooled grid, so the crop-budget methods, HiRED and
+GlobalCom², run per frame as on a base image alone).
 
 QuoTA (frame-replacing) runs on videos: per video, its plan's resized frames fill the video's first
 columns and the other frame columns are dropped (:func:`vtprune.patches._frames.plan_frame_sets`).
@@ -36,6 +37,7 @@ from vtprune.patches.llava_next import LlavaNextAdapter
 from vtprune.types import VisualInputs, VisualLayout
 
 POOLS = {"average": F.avg_pool2d, "max": F.max_pool2d}  # the resampler's pooling, applied to score maps
+SCORE_PROBES = ("cls", "received", "cls_logits")  # probe kinds with one score per patch: pooled like the features
 
 
 @register_adapter
@@ -60,6 +62,12 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                 f"method {method.name!r} scores tokens in the vision tower, but this model pools video frames with "
                 f"a learned {self.config.spatial_pool_mode!r} resampler, which has no score counterpart; use a "
                 f"score-free method (random, uniform) or an in-LLM one (fastv, pdrop)"
+            )
+        features = sorted(kind for kind, _ in method.vision_probes().values() if kind not in SCORE_PROBES)
+        if features:
+            raise ValueError(
+                f"method {method.name!r} reads {', '.join(features)} from the vision tower, but video frames are "
+                "pooled before the projector and vtprune pools only per-patch scores like them"
             )
 
     def visual_inputs(self, kind, arguments, scores) -> VisualInputs:
