@@ -40,6 +40,7 @@ from vtprune.engine.in_llm import InLLMStage
 from vtprune.engine.pre_llm import PreLLMStage
 from vtprune.engine.probe import (
     cls_attention_row,
+    cls_logit_row,
     head_mean_keys,
     raw_keys,
     received_attention,
@@ -53,11 +54,18 @@ from vtprune.types import PrefillInputs, VisualInputs, VisualLayout
 
 PROBES = {
     "cls": cls_attention_row,
+    "cls_logits": cls_logit_row,
     "received": received_attention,
     "keys": head_mean_keys,
     "cls_single_head": single_head_cls_row,
     "raw_keys": raw_keys,
 }
+
+# families whose probe rows reach the selector as the tower / projector gives them (one row per image or
+# sub-image, its tokens in order), so token probes ("embeds") line up with the tokens; stacked probes
+# (``Method.stacks_probes``) also need the encoder to go through ``Adapter._features_wrapper``
+TOKEN_PROBE_FAMILIES = ("llava", "llava_next", "llava_original")
+STACKED_PROBE_FAMILIES = ("llava", "llava_next")
 
 
 class VisualKind(NamedTuple):
@@ -89,6 +97,19 @@ def scatter_kinds(inputs: PrefillInputs, keeps: dict, device) -> torch.Tensor:
     return keep[inputs.visual_mask.to(device)]
 
 
+def stack_probes(scores: dict, names: list | None) -> dict:
+    """A method's probes as one (images, N, channels) tensor, ``{"stacked": ...}``, for methods whose
+    selector passes one probe (``Method.stacks_probes``): a score is one channel, tokens their width,
+    in the order ``names`` lists them. A layer's output carries the [CLS] row in front of the N tokens
+    the attention probes score, so every part keeps its last N rows. ``names`` None: ``scores`` as is."""
+    if names is None or not scores:
+        return scores
+    parts = [scores[name].float() for name in names]
+    parts = [part if part.dim() == 3 else part[..., None] for part in parts]
+    count = min(part.shape[1] for part in parts)
+    return {"stacked": torch.cat([part[:, part.shape[1] - count :] for part in parts], dim=-1)}
+
+
 class Adapter:
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # the config.model_type values it accepts; default (family,)
@@ -112,6 +133,7 @@ class Adapter:
         self.vision_tower = self.find_vision_tower()
         self.stack: StageStack | None = None
         self.probes_feature_layer = False  # whether a probe scores the layer config.vision_feature_layer names
+        self.stacked_probes = None  # probe names handed over as one tensor (Method.stacks_probes)
 
     # -- what the model looks like (a family overrides what differs) ------------------------------
     def find_base(self) -> torch.nn.Module:
@@ -241,10 +263,13 @@ class Adapter:
         hooks.extend(self.prefill_triggers())
         if pre:
             self.probes_feature_layer = any(layer == "feature" for _, layer in pre[0].vision_probes().values())
+            self.stacked_probes = list(pre[0].vision_probes()) if getattr(pre[0], "stacks_probes", False) else None
             hooks.extend(self.feature_wrappers())
             for name, (kind, layer) in pre[0].vision_probes().items():
                 if kind == "hidden":  # the layer's output, every token (VisionZip merges vision features)
                     hooks.append(self.vision_layer(layer).register_forward_hook(self._hidden_probe(name)))
+                elif kind == "embeds":  # the projector's output: the visual tokens in LLM space (DivPrune)
+                    hooks.append(self.projector().register_forward_hook(self._hidden_probe(name)))
                 else:
                     hooks.extend(self.probe_hooks(name, kind, self.vision_attention(layer)))
             if getattr(pre[0], "needs_projector", False):
@@ -264,7 +289,7 @@ class Adapter:
                 f"method {method.name!r} resizes frames (video frames, or images as frames) and is supported on "
                 f"LLaVA-OneVision and Qwen2-VL; {type(self.model).__name__} is not supported yet"
             )
-        needs_cls = any(kind in ("cls", "cls_single_head") for kind, _ in method.vision_probes().values())
+        needs_cls = any(kind in ("cls", "cls_logits", "cls_single_head") for kind, _ in method.vision_probes().values())
         if needs_cls and not self.has_cls_token():
             raise ValueError(
                 f"method {method.name!r} scores by [CLS] attention, but the vision tower "
@@ -274,6 +299,14 @@ class Adapter:
             )
         for _, layer in method.vision_probes().values():
             self.vision_attention(layer)  # a layer outside the tower fails now
+        embeds = any(kind == "embeds" for kind, _ in method.vision_probes().values())
+        stacked = getattr(method, "stacks_probes", False)
+        supported = STACKED_PROBE_FAMILIES if stacked else TOKEN_PROBE_FAMILIES
+        if (embeds or stacked) and self.family not in supported:
+            raise ValueError(
+                f"method {method.name!r} reads each image's tokens (vision features or projected tokens); the "
+                f"{self.family} adapter does not hand them over yet (supported: {', '.join(supported)})"
+            )
         if getattr(method, "merges", False) and (self.has_crops or not self.merges_tokens):
             raise ValueError(
                 f"method {method.name!r} merges tokens, which vtprune supports on single-resolution images of one "
@@ -351,7 +384,7 @@ class Adapter:
                 self.check_encoder_call(arguments)
                 stack.take_scores()  # this call's probes only
                 output = get_features(*args, **kwargs)
-                visual = self.visual_inputs(kind, arguments, stack.take_scores())
+                visual = self.visual_inputs(kind, arguments, stack_probes(stack.take_scores(), self.stacked_probes))
                 visual.columns = placeholder_columns(output)
                 stack.add_visual(kind, visual)
                 return output

@@ -332,6 +332,8 @@ METHODS = {
     "random": _RATIO,
     "uniform": _RATIO,
     "globalcom2": _RATIO,
+    "divprune": _RATIO,
+    "vispruner": _RATIO,
     "hired": MethodCase(small={"budget_ratio": 0.5}, keep_all={"budget_ratio": 1.0}),
     "fastv": MethodCase(small={"k": 1, "ratio": 0.5}, keep_all={"k": 1, "ratio": 0.0}),
     "pdrop": MethodCase(small={"layers": [1, 2], "lam": 0.5}, keep_all={"layers": [1, 2], "lam": 1.0}),

@@ -2,6 +2,7 @@
 
 from vtprune.methods import (  # noqa: F401
     baselines,
+    divprune,
     fastervlm,
     fastv,
     fopru,
@@ -12,6 +13,7 @@ from vtprune.methods import (  # noqa: F401
     prumerge_plus,
     quota,
     visionzip,
+    vispruner,
 )
 from vtprune.methods.base import BudgetConfig, CutPoint, InLLMMethod, Method, MethodConfig, VisualLayout
 
