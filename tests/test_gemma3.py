@@ -212,3 +212,40 @@ def test_refusals_name_why():
         with pytest.raises(ValueError, match=reason):
             vtprune.patch(m, method, **options)
     assert vtprune.get_handle(m) is None
+
+
+def test_lmms_eval_runs_vtprune_on_the_gemma3_base_end_to_end(tmp_path):
+    """``--model vtprune --model_args base=gemma3,...`` (lmms-eval's own Gemma 3 class, its processor's
+    chat template and token types) on a tiny saved model that always answers "red"."""
+    import json
+
+    from eval_helpers import answer_always, run_lmms_eval
+
+    from vtprune.evals.models.processors import build_gemma3_processor
+    from vtprune.evals.tasks import shapes
+    from vtprune.evals.tasks.make_task import make_builtin_task
+
+    limit = 4
+    processor = build_gemma3_processor(shapes.corpus())
+    saved = tiny_gemma3(vocab=len(processor.tokenizer))
+    answer_always(saved, processor.tokenizer, "red")
+    saved.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    saved.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    task_dir = make_builtin_task("vtprune_shapes", tmp_path / "tasks", n=limit)
+    stats = tmp_path / "stats.json"
+    model_args = f"base=gemma3,pretrained={tmp_path / 'model'},device=cpu,method=fopru,keep_tokens=5,stats_path={stats}"
+    result = run_lmms_eval(
+        ["--model", "vtprune", "--model_args", model_args, "--tasks", "vtprune_shapes", "--limit", str(limit)]
+        + ["--include_path", str(task_dir.parent), "--output_path", str(tmp_path / "out"), "--log_samples"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    (samples_file,) = (tmp_path / "out").rglob("*_samples_vtprune_shapes.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert [s["filtered_resps"] for s in samples] == ["red"] * limit
+    payload = json.loads(stats.read_text())
+    assert len(payload["samples"]) == limit
+    for sample in payload["samples"]:
+        assert (sample["visual_tokens_in"], sample["visual_tokens_kept"]) == (TOKENS, 5)
+        assert sample["flops_after"] < sample["flops_before"]
