@@ -76,6 +76,7 @@ bench: install
 	$(PY) -m vtprune.evals.bench.llava15 --repeats 3 --threads 1 --clock cpu --json bench_out/bench.json
 	$(PY) -m vtprune.evals.bench.anyres --repeats 1 --threads 1 --clock cpu --json bench_out/bench_anyres.json
 	$(PY) -m vtprune.evals.bench.video --repeats 3 --threads 1 --clock cpu --json bench_out/bench_video.json
+	$(PY) -m vtprune.evals.bench.qwen2_5_vl --repeats 1 --threads 1 --clock cpu --json bench_out/bench_qwen2_5_vl.json
 
 clean:
 	rm -rf $(VENV) $(LLAVA_VENV) $(VLLM_VENV) demo_out bench_out build *.egg-info

@@ -341,3 +341,25 @@ def test_lmms_eval_runs_base_qwen2_5_vl_pruned(tmp_path):
         assert (sample["visual_tokens_in"], sample["visual_tokens_kept"]) == (49, 12)  # int(0.25 x 49) per frame
         assert sample["llm_prompt_tokens"] == sample["prompt_tokens"] - (49 - 12)
         assert sample["flops_after"] < sample["flops_before"]
+
+
+def test_bench_rows_follow_the_budget_arithmetic():
+    """The Qwen2.5-VL benchmark on the tiny model: a 48 x 64 px image is 12 x 16 patches, 6 x 8 = 48 tokens."""
+    from vtprune.evals.bench import qwen2_5_vl as bench
+
+    m = model()
+    assert bench.image_grid(m, (966, 1288)) == (1, 242, 322)  # 968 x 1288 px (multiples of 8) in 4 px patches
+    inputs = bench.qwen_inputs(m, 12, "cpu", image=(48, 64))
+    rows = {row["config"]: row for row in bench.measure(m, inputs, repeats=1, ratios=(0.25,))}
+    assert list(rows) == [
+        "full",
+        "fastervlm keep 0.25 (received)",
+        "fopru keep 0.25",
+        "uniform keep 0.25",
+        "fastv k=1 R=0.75",
+    ]
+    assert rows["full"]["visual_tokens"] == 48
+    for name, row in list(rows.items())[1:]:
+        assert row["visual_tokens"] == 12, name  # 0.25 x 48
+        assert row["llm_flops"] < rows["full"]["llm_flops"] and row["flops_ideal_speedup"] > 1
+    assert rows["fastv k=1 R=0.75"]["layer_tokens"][0] == inputs["input_ids"].shape[1]  # layer 0 sees every token
