@@ -24,6 +24,7 @@ from vtprune.methods.base import (
     VisualLayout,
 )
 from vtprune.methods.baselines import RandomConfig, UniformConfig
+from vtprune.methods.divprune import DivPruneConfig
 from vtprune.methods.fastervlm import FasterVLMConfig
 from vtprune.methods.fastv import FastVConfig
 from vtprune.methods.fopru import FoPruConfig
@@ -31,6 +32,7 @@ from vtprune.methods.globalcom2 import GlobalCom2Config
 from vtprune.methods.hired import HiREDConfig
 from vtprune.methods.pdrop import PDropConfig
 from vtprune.methods.quota import QuotaConfig
+from vtprune.methods.vispruner import VisPrunerConfig
 from vtprune.registry import methods, register_method
 
 __version__ = "0.1.0"
@@ -38,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetConfig",
     "CutPoint",
+    "DivPruneConfig",
     "FastVConfig",
     "FasterVLMConfig",
     "FoPruConfig",
@@ -54,6 +57,7 @@ __all__ = [
     "Stage",
     "UniformConfig",
     "UnknownOptionError",
+    "VisPrunerConfig",
     "VisualLayout",
     "build_methods",
     "get_handle",

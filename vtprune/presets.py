@@ -152,3 +152,40 @@ def _merging() -> None:
 
 
 _merging()
+
+
+def _diversity() -> None:
+    divprune = "DivPrune, arXiv 2503.02175 (official SUBSET_RATIO=0.098: 56 of LLaVA-1.5's 576 tokens)"
+    register_preset(Preset("divprune-56", "divprune", {"keep_ratio": 0.098}, paper=divprune))
+    for tokens in (128, 64):
+        register_preset(
+            Preset(
+                f"divprune-{tokens}",
+                "divprune",
+                {"keep_tokens": tokens},
+                paper="DivPrune at the token budgets CDPruner's and VisPruner's tables compare it at (LLaVA-1.5)",
+            )
+        )
+    vispruner = "VisPruner, arXiv 2412.01818 v2 (official README: 128 = 64 + 64, 64 = 48 + 16)"
+    for tokens, ratio in ((128, 0.5), (64, 0.75)):
+        options = {"keep_tokens": tokens, "important_ratio": ratio}
+        register_preset(Preset(f"vispruner-{tokens}", "vispruner", options, paper=vispruner))
+    register_preset(
+        Preset(
+            "globalcom2-25",
+            "globalcom2",
+            {"keep_ratio": 0.25},
+            paper="GlobalCom2, arXiv 2501.05179 (official retention_ratio=0.25, temperature 10; LLaVA-NeXT)",
+        )
+    )
+    register_preset(
+        Preset(
+            "hired-20",
+            "hired",
+            {"budget_ratio": 0.2, "alpha": 0.5},
+            paper="HiRED, arXiv 2408.10945 (official accuracy_benchmarks: token_budget_rate=0.2, alpha=0.5)",
+        )
+    )
+
+
+_diversity()
