@@ -90,7 +90,8 @@ def kept_patches_picture(model, processor, record: dict, rows: list[dict], ratio
             output = model.generate(**inputs, do_sample=False, max_new_tokens=4)
             stage = handle.last.stages[-1]
         answer = reference_eval.normalize_answer(processor.decode(output[0, new], skip_special_tokens=True))
-        pictures.append(kept_patch_overlay(image, stage.kept[0], grid))
+        merged = stage.merged[0] if stage.merged is not None else None  # merge methods: their groups
+        pictures.append(kept_patch_overlay(image, stage.kept[0], grid, merged=merged))
         where = f", layer {stage.layer}+" if stage.layer >= 0 else ""
         label = row["label"].replace("positions=original", "pos=orig")
         titles.append(f"{label} ({stage.kept[0].numel()}{where}): {answer}")
@@ -192,7 +193,9 @@ def run_speed(out_dir: Path, repeats: int = 3, methods=METHODS, keep_ratios=KEEP
                     f"{row['prefill_ms']:>11.1f}"
                 )
                 if keep == 0.25:
-                    overlays.append(kept_patch_overlay(image, record.stages[0].kept[0], layout_grid))
+                    stage = record.stages[0]
+                    merged = stage.merged[0] if stage.merged is not None else None
+                    overlays.append(kept_patch_overlay(image, stage.kept[0], layout_grid, merged=merged))
                     titles.append(f"{method} keep 0.25 ({row['visual_tokens']} tokens)")
     out_dir.mkdir(parents=True, exist_ok=True)
     picture = out_dir / "kept_patches.png"

@@ -300,3 +300,28 @@ def test_prumerge_plus_fixed_budget_sends_exactly_that_many_tokens(model, keep):
     for b in range(2):  # batch = alone
         alone, _ = patched_logits(model, ids[b : b + 1], px[b : b + 1], "prumerge_plus", keep_tokens=keep)
         torch.testing.assert_close(logits[b], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_kept_patch_picture_shows_merged_groups(model):
+    """A patch kept as itself is left as it is, a patch in a merged group takes its group's tint, and
+    the same group's patches the same tint."""
+    from PIL import Image
+
+    from vtprune.evals.sweep.kept_patches import GROUP_COLOURS, kept_patch_overlay
+
+    px, ids = images(1, seed=4), prompt(seed=4)
+    _, last = patched_logits(model, ids, px, "visionzip", dominant=10, contextual=3)
+    stage = last.stages[0]
+    grey = Image.new("RGB", (8 * SIDE, 8 * SIDE), (128, 128, 128))
+    picture = kept_patch_overlay(grey, stage.kept[0], (SIDE, SIDE), merged=stage.merged[0])
+    groups = stage.merged[0].tolist()
+    for patch, group in enumerate(groups):
+        r, c = divmod(patch, SIDE)
+        pixel = picture.getpixel((c * 8 + 4, r * 8 + 4))
+        if groups.count(group) == 1:
+            assert pixel == (128, 128, 128)
+        else:
+            colour = GROUP_COLOURS[group % len(GROUP_COLOURS)]
+            assert pixel != (128, 128, 128) and all(
+                abs(p - (128 + (q - 128) * 110 / 255)) <= 1 for p, q in zip(pixel, colour)
+            )

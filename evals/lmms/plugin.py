@@ -403,7 +403,11 @@ class VTPruneLMM(lmms):
         if layout is None or pixels is None or pixels.shape[0] != 1 or pixels.dim() != 4:
             return None
         image = model_view_image(pixels[0], self._base)
-        stages = [{"name": s.name, "layer": s.layer, "kept": s.kept[0].tolist()} for s in prune.stages]
+        stages = [
+            {"name": s.name, "layer": s.layer, "kept": s.kept[0].tolist()}
+            | ({"merged": s.merged[0].tolist()} if s.merged is not None else {})  # merge methods: the groups
+            for s in prune.stages
+        ]
         return {
             "task": record["task"],
             "doc_id": record["doc_id"],
