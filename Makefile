@@ -71,6 +71,7 @@ lint: install
 test: lint
 	$(PY) -m pytest -q
 	$(MAKE) test-llava
+	$(MAKE) test-vllm
 
 bench: install
 	$(PY) -m vtprune.evals.bench.llava15 --repeats 3 --threads 1 --clock cpu --json bench_out/bench.json
