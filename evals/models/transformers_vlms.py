@@ -550,6 +550,8 @@ def qwen2_5_vl_shaped(layers: int = 3, vision_depth: int = 2, vocab: int = 4096,
             max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
             pad_token_id=PAD_TOKEN_ID,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
         **_qwen_tokens(),
     )
