@@ -45,12 +45,14 @@ What the adapter does (hooks on this instance, undone by ``remove()``):
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from vtprune.engine.pre_llm import fixed_layout_selector
 from vtprune.patches import register_adapter
 from vtprune.patches._backbones import LlamaStyleBackbone
-from vtprune.patches._base import Adapter
+from vtprune.patches._base import Adapter, call_arguments
 from vtprune.patches._grids import block_mean
 from vtprune.types import VisualInputs, VisualLayout
 
@@ -161,11 +163,13 @@ class Gemma3Adapter(Adapter):
         model's first pre-hook hands the stack that 2-D mask, its last one the decoder's masks."""
         stack = self.stack
         config = self.text_config
+        signature = inspect.signature(self.base.forward)
 
         def keep_inputs(module, args, kwargs):
+            arguments = call_arguments(signature, args, kwargs)
             family = stack.state.family
-            family["attention_mask"] = kwargs.get("attention_mask")
-            family["token_type_ids"] = kwargs.get("token_type_ids")
+            family["attention_mask"] = arguments.get("attention_mask")
+            family["token_type_ids"] = arguments.get("token_type_ids")
 
         def padding_mask_for_the_stack(module, args, kwargs):
             family = stack.state.family
