@@ -118,6 +118,7 @@ class Adapter:
     supports_feature_replacement: ClassVar[bool] = False  # methods that rewrite visual tokens (quota)
     has_crops: ClassVar[bool] = False  # whether images come as a base image plus crops (AnyRes)
     merges_tokens: ClassVar[bool] = False  # whether the selector takes merged tokens (methods with merges = True)
+    merges_crops: ClassVar[bool] = False  # whether it takes them on AnyRes crops (methods with merge_crops)
     no_crops: ClassVar[str] = "sees single-resolution images: use fastervlm, fopru, random or uniform"
 
     def __init_subclass__(cls, **kwargs):
@@ -307,11 +308,12 @@ class Adapter:
                 f"method {method.name!r} reads each image's tokens (vision features or projected tokens); the "
                 f"{self.family} adapter does not hand them over yet (supported: {', '.join(supported)})"
             )
-        if getattr(method, "merges", False) and (self.has_crops or not self.merges_tokens):
+        takes_merges = (self.merges_crops and hasattr(method, "merge_crops")) if self.has_crops else self.merges_tokens
+        if getattr(method, "merges", False) and not takes_merges:
             raise ValueError(
                 f"method {method.name!r} merges tokens, which vtprune supports on single-resolution images of one "
-                f"fixed layout (llava; llava_original without AnyRes packing); {type(self.model).__name__} is not "
-                "supported yet"
+                "fixed layout (llava; llava_original without AnyRes packing) and, for methods with an AnyRes rule "
+                f"(visionzip), on LLaVA-NeXT; {type(self.model).__name__} is not supported yet"
             )
         if getattr(method, "needs_projector", False) and self.projector() is None:
             raise ValueError(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from vtprune.engine.pre_llm import packed_merge_selector
 from vtprune.patches import register_adapter
 from vtprune.patches._anyres import anyres_image, select_packed
 from vtprune.patches._base import Adapter
@@ -35,6 +36,7 @@ class LlavaNextAdapter(Adapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     has_crops = True
+    merges_crops = True  # merge methods with an AnyRes rule (merge_crops): VisionZip's NeXT path
 
     def check_model(self) -> None:
         if self.select_strategy != "default":
@@ -44,6 +46,9 @@ class LlavaNextAdapter(Adapter):
         return VisualInputs(scores=scores, packing=self.packing_map(arguments["image_sizes"]))
 
     def selector(self, method, layout):
+        if getattr(method, "merges", False):
+            return packed_merge_selector(method, layout, self.base.image_newline)
+
         def select(inputs, device):
             if method.keeps_everything(layout):
                 return None

@@ -72,10 +72,15 @@ def official_visionzip(model, pixel_values, dominant, contextual):
 
     Eager tower with output_attentions; ``attentions[-2]`` [CLS] row summed over heads; the merge
     metric is ``layers[-2]``'s k projection, heads split and averaged; ``hidden_states[-2]`` with [CLS].
-    Returns (tokens (B, dominant + contextual, D_llm), sources (B, 1 + P): the token row of each input).
+    Returns (tokens (B, dominant + contextual, D_llm), sources (B, 1 + P): the token row of each input,
+    and the official ``all_indices``).
     """
-    twin = eager_twin(model)
-    layer = twin.model.vision_tower.encoder.layers[-2]
+    twin = eager_twin(model) if isinstance(model, type(vlms.tiny_llava())) else model
+    layer = (
+        twin.model.vision_tower.vision_model.encoder.layers[-2]
+        if hasattr(twin.model.vision_tower, "vision_model")
+        else twin.model.vision_tower.encoder.layers[-2]
+    )
     keys = {}
     hook = layer.self_attn.k_proj.register_forward_hook(lambda m, a, out: keys.update(k=out))
     with torch.no_grad():
@@ -118,13 +123,13 @@ def official_visionzip(model, pixel_values, dominant, contextual):
             is_target = position in targets.tolist()
             group = targets.tolist().index(position) if is_target else next(members)
             sources[b, index] = dominant + group
-    return tokens, sources
+    return tokens, sources, all_indices
 
 
 @pytest.mark.parametrize(("dominant", "contextual"), [(10, 3), (20, 6), (5, 1)])
 def test_visionzip_equals_the_official_tokens_spliced_into_the_prompt(model, dominant, contextual):
     px = images(2, seed=dominant)
-    expected, sources = official_visionzip(model, px, dominant, contextual)
+    expected, sources, _ = official_visionzip(model, px, dominant, contextual)
     ids = torch.cat([prompt(seed=1), prompt(seed=2)])
     logits, last = patched_logits(model, ids, px, "visionzip", dominant=dominant, contextual=contextual)
     for b in range(2):
@@ -137,7 +142,7 @@ def test_visionzip_equals_the_official_tokens_spliced_into_the_prompt(model, dom
 
 def test_visionzip_original_positions_keep_the_first_columns_of_the_block(model):
     px = images(1, seed=5)
-    expected, _ = official_visionzip(model, px, 12, 4)
+    expected, _, _ = official_visionzip(model, px, 12, 4)
     ids = prompt(seed=3)
     logits, _ = patched_logits(model, ids, px, "visionzip", dominant=12, contextual=4, positions="original")
     torch.testing.assert_close(logits[0], spliced_logits(model, ids, expected[0], "original"), atol=1e-4, rtol=1e-4)
@@ -325,3 +330,50 @@ def test_kept_patch_picture_shows_merged_groups(model):
             assert pixel != (128, 128, 128) and all(
                 abs(p - (128 + (q - 128) * 110 / 255)) <= 1 for p, q in zip(pixel, colour)
             )
+
+
+def official_next_layout(tokens, keep_idx, crop_grid, side, newline):
+    """One LLaVA-NeXT image as ``prepare_inputs_labels_for_multimodal_visionzip`` lays it out: a lone
+    base image and the newline; else the base tokens, the crops' dominant patches restored onto the
+    stitched canvas and read out where kept (``restore_image_features_sorted``), the crops' [CLS]
+    tokens, then their contextual tokens."""
+    if tokens.shape[0] == 1:
+        return torch.cat([tokens[0], newline[None]])
+    base, crops, keep = tokens[0], tokens[1:], keep_idx[1:]
+    count, num_keep, width = crops.shape[0], keep.shape[1], crops.shape[2]
+    restore = keep.sort(dim=1).values[:, 1:] - 1
+    restored = torch.zeros(count, side * side, width)
+    mask = torch.zeros(count, side * side, dtype=torch.bool).scatter_(1, restore, True)
+    restored[mask] = crops[:, 1:num_keep].reshape(-1, width)
+    height, width_crops = crop_grid
+    restored = restored.view(height, width_crops, side, side, width).permute(0, 2, 1, 3, 4)
+    mask = mask.view(height, width_crops, side, side).permute(0, 2, 1, 3).reshape(height * side, width_crops * side)
+    selected = restored.reshape(height * side, width_crops * side, width)[mask]
+    return torch.cat([base, selected, crops[:, 0], crops[:, num_keep:].reshape(-1, width)])
+
+
+def test_visionzip_on_llava_next_follows_the_official_next_path():
+    from contract_cases import _anyres_batch, _anyres_samples
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+    )
+
+    model = vlms.tiny_llava_next(seed=2, attn_implementation="eager")
+    config = model.config
+    samples = _anyres_samples(model, [[60, 40], [30, 50], [20, 20]], seed=11)
+    batch = _anyres_batch(samples)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    with vtprune.patched(model, "visionzip", dominant=5, contextual=2) as handle, torch.no_grad():
+        logits = model(**batch).logits
+        kept = handle.last.visual_tokens_kept
+    for index, sample in enumerate(samples):
+        size = sample["image_sizes"][0].tolist()
+        grid = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        crops = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        tokens, _, keep_idx = official_visionzip(model, sample["pixel_values"][0, :crops], 5, 2)
+        expected = official_next_layout(tokens, keep_idx, grid, side, model.model.image_newline.detach())
+        assert kept[index] == expected.shape[0]
+        reference = spliced_logits(model, sample["input_ids"], expected)
+        length = reference.shape[0]
+        torch.testing.assert_close(logits[index, -length:], reference, atol=1e-4, rtol=1e-4)

@@ -89,6 +89,38 @@ def merged_selection(merged: MergedTokens, num_columns: int) -> TokenSelection:
     )
 
 
+def packed_merge_selector(method: Method, layout: VisualLayout, newline: torch.Tensor):
+    """A merge method on AnyRes images (a base image plus crops, packed into columns with newlines).
+
+    Per image, ``method.merge_crops(scores, crop_grid, layout, newline)`` returns its tokens in the
+    official order, (K, D), and the sources (S, N) of its sub-images' tokens; the tokens fill the
+    first K of the image's packed columns and the rest are dropped (as :func:`merged_selection`).
+    """
+
+    def select(inputs: PrefillInputs, device) -> TokenSelection:
+        images = inputs.visual["image"]
+        keeps, values, into, first, offset = [], [], [], 0, 0
+        for image in images.packing:  # a few images per batch, not a loop over tokens
+            count = image.valid.shape[0]
+            scores = {name: value[first : first + count] for name, value in images.scores.items()}
+            rows, sources = method.merge_crops(scores, image.crop_grid, layout, newline)
+            columns = image.token_map.numel()
+            if rows.shape[0] > columns:
+                raise ValueError(f"a merge sends {rows.shape[0]} tokens for an image of {columns} packed columns")
+            keeps.append(torch.arange(columns, device=device) < rows.shape[0])
+            values.append(torch.cat([rows, rows.new_zeros(columns - rows.shape[0], rows.shape[1])]))
+            token_map = image.token_map.to(device)
+            target = sources.to(device).flatten()[token_map.clamp(min=0)]
+            into.append(torch.where((token_map >= 0) & (target >= 0), target + offset, -1))
+            first, offset = first + count, offset + columns
+        keep = torch.cat(keeps)
+        return TokenSelection(
+            keep, replace=torch.ones_like(keep), values=torch.cat(values), merged_into=torch.cat(into)
+        )
+
+    return select
+
+
 def fixed_layout_selector(method: Method, layout: VisualLayout):
     """Token selection for models whose images all have the same layout (LLaVA-1.5).
 

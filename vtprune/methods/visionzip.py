@@ -36,9 +36,14 @@ Where it deliberately differs:
   the key metric is fp32 (the official code uses the tower dtype: fp16 near-ties may flip);
 - every image has its own selection (the official code is batched the same way, batch-vectorised).
 
+LLaVA-NeXT (:meth:`VisionZip.merge_crops`): the official NeXT path, budgets per sub-image (the
+paper's 160 / 320 / 640 are 32 / 64 / 128 per sub-image of five): the base image's tokens, the
+crops' dominant patches in the stitched canvas order (no unpadding, no newlines), the crops' [CLS]
+tokens, then their contextual tokens; they fill the first columns of the image's packed block.
+
 Not supported (refused at patch time): towers without [CLS] (the official Qwen2.5-VL variant,
 attention received at the last block and contextual tokens at their targets' positions, is not
-implemented yet), and AnyRes crops (LLaVA-NeXT: the official NeXT path is not implemented yet).
+implemented yet), and AnyRes packing in the original LLaVA package (LLaVA-NeXT in transformers is).
 """
 
 from __future__ import annotations
@@ -115,6 +120,54 @@ class VisionZip(Method):
         projector = self.projector
         values = projector(tokens.to(next(projector.parameters()).dtype))
         return MergedTokens(values=values, sources=sources[:, 1 - layout.num_prefix :])
+
+    def merge_crops(
+        self, scores: dict, crop_grid: tuple[int, int], layout: VisualLayout, newline: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One AnyRes image (LLaVA-NeXT) as the official NeXT path lays it out
+        (``llava_arch.py::prepare_inputs_labels_for_multimodal_visionzip`` and
+        ``restore_image_features_sorted``): every sub-image merged with the same (dominant,
+        contextual); the base image's tokens as they are; then the crops' dominant patches in the
+        raster order of the stitched crop canvas (no unpadding), the crops' [CLS] tokens, and the
+        crops' contextual tokens, crop by crop. A lone base image is followed by the newline.
+
+        Returns the tokens (K, D) and the sources (S, N): the token row carrying each sub-image token.
+        """
+        dominant, contextual = self._split(layout)
+        num_patches = layout.grid[0] * layout.grid[1]
+        tokens, sources = visionzip_tokens(
+            scores["cls"][:, -num_patches:], scores["keys"][:, -num_patches:], scores["hidden"], dominant, contextual
+        )
+        values = self.projector(tokens.to(next(self.projector.parameters()).dtype))  # (S, K0, D)
+        count, per_image, width = values.shape
+        device = values.device
+        if count == 1:
+            return torch.cat([values[0], newline[None].to(values)]), sources[:, 1:]
+        rows, cols = crop_grid
+        if rows * cols != count - 1:
+            raise ValueError(f"visionzip: {count - 1} crops do not fill the {rows} x {cols} crop grid")
+        crops = values[1:]
+        side_h, side_w = layout.grid
+        # each crop's dominant patches (rows 1..dominant-1, raster within the crop) on the stitched canvas
+        _, order = sources[1:, 1:].sort(dim=1)  # by output row: the patch each dominant row is
+        patch = order[:, : dominant - 1]  # (crops, dominant - 1)
+        crop = torch.arange(count - 1, device=device)[:, None]
+        canvas_row = (crop // cols) * side_h + patch // side_w
+        canvas_col = (crop % cols) * side_w + patch % side_w
+        rank = (canvas_row * cols * side_w + canvas_col).flatten().argsort().argsort().view_as(patch)
+        stitched = torch.empty(rank.numel(), width, dtype=values.dtype, device=device)
+        stitched[rank.flatten()] = crops[:, 1:dominant].reshape(-1, width)
+        out = torch.cat([values[0], stitched, crops[:, 0], crops[:, dominant:].reshape(-1, width)])
+        # where each sub-image's token row went
+        row_map = torch.empty(count, per_image, dtype=torch.long, device=device)
+        row_map[0] = torch.arange(per_image, device=device)
+        after_dominant = per_image + rank.numel()
+        row_map[1:, 1:dominant] = per_image + rank
+        row_map[1:, 0] = after_dominant + crop[:, 0]
+        row_map[1:, dominant:] = (
+            after_dominant + (count - 1) + crop * contextual + torch.arange(contextual, device=device)
+        )
+        return out, row_map.gather(1, sources)[:, 1:]
 
     def _split(self, layout: VisualLayout) -> tuple[int, int]:
         dominant, contextual = self.config.split(layout.num_tokens)
