@@ -145,19 +145,22 @@ def test_scores_are_the_mean_of_each_tokens_patches():
     assert torch.equal(kept, expected)
 
 
-def layerwise_logits(m, kw, cuts) -> torch.Tensor:
-    """The unpatched decoder run one layer at a time on one sample, no cache; cuts: {layer: (kept original
-    visual indices, positions mode)}, layer 0 = before the LLM. Every layer gets Gemma 3's masks of the
-    columns it sees (image blocks of the kept image columns) and the rotary of its layer type; a cut's
-    kept columns keep their positions ("original") or are renumbered ("compact")."""
+def layerwise_logits(m, kw, cuts, tokens=()) -> torch.Tensor:
+    """The unpatched decoder run one layer at a time on one sample and ``tokens`` generated after it, no
+    cache; cuts: {layer: (kept original visual indices, positions mode)}, layer 0 = before the LLM. Every
+    layer gets Gemma 3's masks of the columns it sees (image blocks of the kept image columns) and the
+    rotary of its layer type; a cut's kept columns keep their positions ("original") or are renumbered
+    ("compact"), the generated tokens following the prompt in that numbering."""
     from transformers.models.gemma3.modeling_gemma3 import (
         create_masks_for_vision_model,
         get_block_sequence_ids_for_mask,
     )
 
     lm = m.model.language_model
-    hidden = merged(m, kw)
-    visual = kw["input_ids"][0] == IMAGE_TOKEN_ID
+    with torch.no_grad():
+        generated = m.get_input_embeddings()(torch.tensor([list(tokens)], dtype=torch.long))
+    hidden = torch.cat([merged(m, kw), generated], dim=1)
+    visual = torch.cat([kw["input_ids"][0] == IMAGE_TOKEN_ID, torch.zeros(len(tokens), dtype=torch.bool)])
     index = torch.where(visual, visual.long().cumsum(0) - 1, -1)
     positions = torch.arange(hidden.shape[1])[None]
     with torch.no_grad():
@@ -199,6 +202,22 @@ def test_in_llm_cuts_equal_a_layerwise_reference_with_rebuilt_image_blocks(spec)
     modes = modes[:1] * (len(record.stages) - len(modes) + 1) + modes[1:]  # pdrop: one method, several cuts
     cuts = {max(stage.layer, 0): (stage.kept[0], mode) for stage, mode in zip(record.stages, modes, strict=True)}
     torch.testing.assert_close(logits, layerwise_logits(m, kw, cuts), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["compact", "original"])
+def test_in_llm_cuts_decode_as_the_layerwise_reference(mode):
+    """Greedy generate on the pruned caches (sliding layers hold a window of the cut sequence) = the
+    layerwise reference re-run on the prompt and the tokens so far, with the prefill's kept sets."""
+    m = model()
+    kw = batch(TWO[:1], seed=7)
+    del kw["position_ids"]
+    with vtprune.patched(m, f"fastv:k=1,ratio=0.5,positions={mode}") as handle, torch.no_grad():
+        generated = m.generate(**kw, max_new_tokens=4, do_sample=False)[0, kw["input_ids"].shape[1] :].tolist()
+        cuts = {stage.layer: (stage.kept[0], mode) for stage in handle.last.stages}
+    tokens = []
+    for _ in range(4):
+        tokens.append(int(layerwise_logits(m, kw, cuts, tokens)[-1].argmax()))
+    assert generated == tokens
 
 
 def test_refusals_name_why():
