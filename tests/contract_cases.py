@@ -314,6 +314,35 @@ def pixel_scorer(frames, prompt):
     return torch.sigmoid(frames.float().mean(dim=(1, 2, 3)) * 20)
 
 
+class WordTokenizer:
+    """A CLIP-style tokenizer stub: start id, one id per word, end id (no vocabulary files offline)."""
+
+    def __call__(self, text, return_tensors="pt"):
+        ids = [1] + [3 + sum(map(ord, word)) % 90 for word in text.split()] + [99]
+        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+
+
+def tiny_clip_relevance():
+    """CDPruner's CLIP joint space for the tiny models: a random CLIPModel whose vision width is theirs (32)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    from vtprune.methods.cdpruner import ClipRelevance
+
+    text = CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        eos_token_id=99,
+    )
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vlms.clip_vision_config().to_dict(), projection_dim=8)
+    with torch.random.fork_rng():  # the global generator stays as the other cases left it
+        torch.manual_seed(0)
+        clip = CLIPModel(config).eval()
+    return ClipRelevance(clip, WordTokenizer())
+
+
 @dataclass(frozen=True)
 class MethodCase:
     """Options of a method at a small budget that applies to the tiny models, and the options that keep
@@ -324,6 +353,7 @@ class MethodCase:
     no_keep_all: dict[str, str] = field(default_factory=dict)
 
 
+CLIP = tiny_clip_relevance()
 _RATIO = MethodCase(small={"keep_ratio": 0.5}, keep_all={"keep_ratio": 1.0})
 
 METHODS = {
@@ -334,6 +364,10 @@ METHODS = {
     "globalcom2": _RATIO,
     "divprune": _RATIO,
     "vispruner": _RATIO,
+    "cdpruner": MethodCase(
+        small={"keep_ratio": 0.5, "clip": CLIP, "query": "What is shown?"},
+        keep_all={"keep_ratio": 1.0, "clip": CLIP, "query": "What is shown?"},
+    ),
     "hired": MethodCase(small={"budget_ratio": 0.5}, keep_all={"budget_ratio": 1.0}),
     "fastv": MethodCase(small={"k": 1, "ratio": 0.5}, keep_all={"k": 1, "ratio": 0.0}),
     "pdrop": MethodCase(small={"layers": [1, 2], "lam": 0.5}, keep_all={"layers": [1, 2], "lam": 1.0}),

@@ -318,3 +318,121 @@ def test_globalcom2_default_scores_by_the_last_layer_pre_softmax_logits():
     keep = GlobalCom2(GlobalCom2Config()).select_crops({"cls": logits}, crops)
     columns = keep_packed(image.token_map, keep).nonzero().flatten()
     assert handle.last.stages[0].kept[0].tolist() == columns.tolist()
+
+
+# -- CDPruner ---------------------------------------------------------------------------------------------
+
+
+def official_cdpruner(image_features, image_embeds, text_embeds, tokens):
+    """encode_images: cosine kernel of the projected tokens x negated, min-max normalised relevance, greedy
+    MAP of the DPP. (B, N, D), (B, N, C), (M, C) -> select_idx (T, B), in pick order."""
+    B, N, _ = image_features.shape
+    image_normalized = (image_features / image_features.norm(dim=-1, keepdim=True)).float()
+    similarity = torch.matmul(image_normalized, image_normalized.transpose(1, 2))
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    relevance = (-torch.matmul(image_embeds, text_embeds.t())).mean(dim=-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+    cis = torch.zeros((tokens, B, N))
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    select_idx = torch.empty((tokens, B), dtype=torch.long)
+    for i in range(tokens):
+        j = torch.argmax(di2s, dim=-1)
+        select_idx[i] = j
+        eis = (
+            kernel[torch.arange(B), j] - torch.einsum("tb,tbn->bn", cis[:i, torch.arange(B), j], cis[:i])
+        ) / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[torch.arange(B), j] = -float("inf")
+    return select_idx
+
+
+def test_cdpruner_dpp_picks_are_the_official_picks_in_order():
+    from vtprune.methods.cdpruner import dpp_picks, query_relevance
+
+    generator = torch.Generator().manual_seed(4)
+    features = clustered(1, 36, 24, seed=4)
+    image_embeds = torch.randn(1, 36, 8, generator=generator)
+    text_embeds = torch.randn(2, 8, generator=generator)  # two 77-token segments
+    official = official_cdpruner(features, image_embeds, text_embeds, 12)
+    picks = dpp_picks(features, query_relevance(image_embeds, text_embeds), 12)
+    assert picks[0].tolist() == official[:, 0].tolist()
+
+
+def test_cdpruner_needs_a_clip_joint_space_and_the_instruction():
+    with pytest.raises(ValueError, match="clip="):
+        vtprune.build_methods("cdpruner", {"keep_tokens": 8})
+    import contract_cases
+
+    model, sample = tiny_llava_and_inputs()
+    with vtprune.patched(model, "cdpruner", keep_tokens=8, clip=contract_cases.CLIP) as handle:
+        with pytest.raises(ValueError, match="handle.set_query"), torch.no_grad():
+            model(**sample)
+        handle.set_query("What is shown?")
+        with torch.no_grad():
+            model(**sample)
+        assert handle.last.visual_tokens_kept == [8]
+
+
+def test_cdpruner_text_past_77_tokens_is_cut_into_zero_padded_segments():
+    import contract_cases
+
+    clip = contract_cases.CLIP
+    short, long = clip.text("what is shown"), clip.text(" ".join(["word"] * 100))  # 102 ids: two segments
+    assert short.shape == (1, 8) and long.shape == (2, 8)
+    ids = contract_cases.WordTokenizer()(" ".join(["word"] * 100))["input_ids"]
+    padded = torch.cat([ids, torch.zeros(1, 52, dtype=torch.long)], dim=1).view(2, 77)
+    mask = (torch.arange(154) < 102).long().view(2, 77)
+    with torch.no_grad():
+        official = clip.clip.text_projection(clip.clip.text_model(input_ids=padded, attention_mask=mask).pooler_output)
+    torch.testing.assert_close(long, official)
+
+
+def test_cdpruner_on_llava_is_the_official_selection_on_the_models_signals():
+    """The signals as the official code takes them: the projected tokens; visual_projection(post_layernorm(
+    hidden_states[-2][:, 1:])) and the text tower's embedding of the instruction, from the CLIP checkpoint."""
+    import contract_cases
+
+    model, sample = tiny_llava_and_inputs()
+    clip = contract_cases.CLIP
+    with torch.no_grad():
+        embeds = model.model.get_image_features(pixel_values=sample["pixel_values"]).pooler_output
+        embeds = embeds if isinstance(embeds, torch.Tensor) else torch.stack(list(embeds))
+        hidden = model.model.vision_tower(sample["pixel_values"], output_hidden_states=True).hidden_states
+        tokens = hidden[model.config.vision_feature_layer][:, 1:]
+        image_embeds = clip.clip.visual_projection(clip.clip.vision_model.post_layernorm(tokens))
+        text_embeds = clip.clip.text_projection(
+            clip.clip.text_model(**_segments("what is in the picture")).pooler_output
+        )
+    official = official_cdpruner(embeds.float(), image_embeds, text_embeds, 6)
+    with (
+        vtprune.patched(model, "cdpruner", keep_tokens=6, clip=clip, query="what is in the picture") as handle,
+        torch.no_grad(),
+    ):
+        model(**sample)
+    assert handle.last.stages[0].kept[0].tolist() == sorted(official[:, 0].tolist())
+
+
+def _segments(text):
+    import contract_cases
+
+    inputs = contract_cases.WordTokenizer()(text)
+    pad = 77 - inputs["input_ids"].shape[1]
+    return {k: torch.cat([v, v.new_zeros(1, pad)], dim=1) for k, v in inputs.items()}
+
+
+def test_cdpruner_is_batch_invariant():
+    import contract_cases
+
+    case = contract_cases.llava()
+    options = {"keep_tokens": 5, "clip": contract_cases.CLIP, "query": "a question"}
+    with vtprune.patched(case.model, "cdpruner", **options) as handle, torch.no_grad():
+        case.model(**case.batch)
+        batch = [k.tolist() for k in handle.last.stages[0].kept]
+        alone = []
+        for sample in case.samples:
+            case.model(**sample)
+            alone.append(handle.last.stages[0].kept[0].tolist())
+    assert batch == alone

@@ -24,6 +24,7 @@ from vtprune.methods.base import (
     VisualLayout,
 )
 from vtprune.methods.baselines import RandomConfig, UniformConfig
+from vtprune.methods.cdpruner import CDPrunerConfig, ClipRelevance
 from vtprune.methods.divprune import DivPruneConfig
 from vtprune.methods.fastervlm import FasterVLMConfig
 from vtprune.methods.fastv import FastVConfig
@@ -39,6 +40,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetConfig",
+    "CDPrunerConfig",
+    "ClipRelevance",
     "CutPoint",
     "DivPruneConfig",
     "FastVConfig",

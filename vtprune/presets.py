@@ -170,6 +170,17 @@ def _diversity() -> None:
     for tokens, ratio in ((128, 0.5), (64, 0.75)):
         options = {"keep_tokens": tokens, "important_ratio": ratio}
         register_preset(Preset(f"vispruner-{tokens}", "vispruner", options, paper=vispruner))
+    cdpruner = "CDPruner, arXiv 2506.10967 (visual_token_num 128 / 64 / 32 on LLaVA-1.5)"
+    for tokens in (128, 64, 32):
+        register_preset(
+            Preset(
+                f"cdpruner-{tokens}",
+                "cdpruner",
+                {"keep_tokens": tokens, "clip": "openai/clip-vit-large-patch14-336"},
+                paper=cdpruner,
+                note="the CLIP checkpoint of LLaVA-1.5's tower (its text tower scores the instruction); give query=",
+            )
+        )
     register_preset(
         Preset(
             "globalcom2-25",

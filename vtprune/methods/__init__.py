@@ -2,6 +2,7 @@
 
 from vtprune.methods import (  # noqa: F401
     baselines,
+    cdpruner,
     divprune,
     fastervlm,
     fastv,
