@@ -377,3 +377,13 @@ def test_visionzip_on_llava_next_follows_the_official_next_path():
         reference = spliced_logits(model, sample["input_ids"], expected)
         length = reference.shape[0]
         torch.testing.assert_close(logits[index, -length:], reference, atol=1e-4, rtol=1e-4)
+
+
+def test_bench_times_the_visionzip_merge_and_both_towers():
+    from vtprune.evals.bench.llava15 import benchmark_inputs, time_visionzip
+
+    tiny = vlms.tiny_llava(seed=3, image_size=32, patch_size=8)
+    inputs = benchmark_inputs(tiny, text_tokens=12, device="cpu")
+    figures = time_visionzip(tiny, inputs, base_llm_prefill_s=1.0, repeats=1, dominant=5, contextual=2)
+    assert figures["merge_s"] > 0 and figures["vtprune_tower_s"] > 0 and figures["official_style_tower_s"] > 0
+    assert tiny.model.vision_tower.config._attn_implementation == "sdpa"  # the eager switch is undone

@@ -165,6 +165,10 @@ CONFIGS: list[tuple[str, object]] = [
     ("fastv k=2 R=0.5", "fastv:k=2,ratio=0.5"),
     ("fastv k=2 R=0.75", "fastv:k=2,ratio=0.75"),
     ("pdrop (defaults)", "pdrop"),
+    ("visionzip 64 (54+10)", "visionzip:dominant=54,contextual=10"),
+    ("visionzip 128 (108+20)", "visionzip:dominant=108,contextual=20"),
+    ("pool 144 (12x12)", "pool:keep_tokens=144"),
+    ("prumerge_plus 64", "prumerge_plus:keep_tokens=64"),
     ("fastv official-style k=2 R=0.5", OfficialStyleFastV(k=2, ratio=0.5)),
     ("fastv official-style k=2 R=0.75", OfficialStyleFastV(k=2, ratio=0.75)),
 ]
@@ -342,7 +346,7 @@ def measure_memory(model, inputs, configs, rows) -> None:
 
 def time_scoring(model, inputs, keep_ratio: float, repeats: int = 50) -> dict:
     """Seconds spent scoring and selecting, on the tensors of a real prefill."""
-    attention = LlavaAdapter(model).feature_attention()
+    attention = LlavaAdapter(model).vision_attention("feature")
     captured = {}
     hooks = [
         attention.q_proj.register_forward_hook(lambda m, a, out: captured.__setitem__("q", out)),
@@ -427,6 +431,87 @@ def fastv_head_to_head(model, inputs, ratios=(0.5, 0.75), k: int = 2, repeats: i
     return rows
 
 
+def time_visionzip(
+    model, inputs, base_llm_prefill_s: float, repeats: int = 5, dominant: int = 54, contextual: int = 10
+) -> dict:
+    """VisionZip's own cost on the tensors of a real prefill, and the tower it needs.
+
+    merge: the [CLS] row and the keys from the captured q/k, the dominant / contextual merge
+    (54 + 10) and the projection of the 64 tokens, then the sequence cut, as % of the unpruned LLM
+    prefill. tower: the vision tower as vtprune runs it (SDPA, q/k / hidden-state hooks) against the
+    official-style tower (eager attention, ``output_attentions`` and ``output_hidden_states`` on every
+    layer, as ``CLIPVisionTower_VisionZip.forward`` calls it); both followed by nothing else.
+    """
+    from vtprune.engine.pre_llm import merged_selection
+    from vtprune.engine.probe import head_mean_keys
+    from vtprune.methods.visionzip import visionzip_tokens
+    from vtprune.types import MergedTokens
+
+    adapter = LlavaAdapter(model)
+    attention, layer = adapter.vision_attention("feature"), adapter.feature_layer()
+    captured = {}
+    hooks = [
+        attention.q_proj.register_forward_hook(lambda m, a, out: captured.__setitem__("q", out)),
+        attention.k_proj.register_forward_hook(lambda m, a, out: captured.__setitem__("k", out)),
+        layer.register_forward_hook(
+            lambda m, a, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out)
+        ),
+    ]
+    with torch.no_grad():
+        model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    for hook in hooks:
+        hook.remove()
+    image_mask = inputs["input_ids"] == IMAGE_TOKEN_ID
+    num_tokens = int(image_mask.sum())
+    embeds = torch.randn(1, image_mask.shape[1], model.config.text_config.hidden_size, dtype=model.dtype)
+    projector = model.model.multi_modal_projector
+
+    def merge():
+        with torch.no_grad():
+            cls = cls_attention_row(captured["q"], captured["k"], attention.num_heads, attention.scale)[:, 1:]
+            keys = head_mean_keys(captured["q"], captured["k"], attention.num_heads, attention.scale)[:, 1:]
+            tokens, sources = visionzip_tokens(cls, keys, captured["h"], dominant, contextual)
+            selection = merged_selection(MergedTokens(projector(tokens), sources[:, 1:]), num_tokens)
+            plan = plan_cut((~image_mask).masked_scatter(image_mask, selection.keep))
+            return plan.gather(embeds)
+
+    def median_seconds(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = clock()
+            fn()
+            times.append(clock() - start)
+        return statistics.median(times)
+
+    tower = model.model.vision_tower
+    pixels = inputs["pixel_values"]
+
+    def vtprune_tower():
+        with torch.no_grad():
+            model.model.get_image_features(pixel_values=pixels)
+
+    def official_tower():
+        with torch.no_grad():
+            tower(pixels, output_attentions=True, output_hidden_states=True)
+
+    merge_s = median_seconds(merge)
+    with vtprune.patched(model, "visionzip", dominant=dominant, contextual=contextual):
+        ours = median_seconds(vtprune_tower)
+    implementation = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        official = median_seconds(official_tower)
+    finally:
+        tower.config._attn_implementation = implementation
+    return {
+        "merge_s": merge_s,
+        "merge_pct_of_unpruned_llm_prefill": 100 * merge_s / base_llm_prefill_s,
+        "vtprune_tower_s": ours,
+        "official_style_tower_s": official,
+    }
+
+
 def run(repeats: int, text_tokens: int, device: str) -> dict:
     PeakMemory.prepare()
     torch.manual_seed(0)
@@ -440,6 +525,7 @@ def run(repeats: int, text_tokens: int, device: str) -> dict:
     scoring["overhead_pct_of_unpruned_llm_prefill"] = (
         100 * (scoring["score_select_s"] + scoring["cut_s"]) / base["llm_prefill_s"]
     )
+    visionzip = time_visionzip(model, inputs, base["llm_prefill_s"], repeats=max(repeats, 3))
     return {
         "model": "LLaVA-1.5-shaped: CLIP ViT-L/14-336 (576 tokens) + Llama 24x1024 (~0.5B), random weights",
         "dtype": str(model.dtype),
@@ -453,6 +539,7 @@ def run(repeats: int, text_tokens: int, device: str) -> dict:
         "rows": rows,
         "fastv_head_to_head": head_to_head,
         "scoring": scoring,
+        "visionzip": visionzip,
     }
 
 
@@ -553,6 +640,14 @@ def format_table(result: dict) -> str:
         f"\nScoring + selection (keep 0.25): {scoring['score_select_s'] * 1e3:.2f} ms, sequence cut "
         f"{scoring['cut_s'] * 1e3:.2f} ms = {scoring['overhead_pct_of_unpruned_llm_prefill']:.2f}% of the "
         "unpruned LLM prefill."
+    )
+    zip_ = result["visionzip"]
+    lines.append(
+        f"VisionZip 54+10: [CLS] row, keys, merge, projection and cut {zip_['merge_s'] * 1e3:.2f} ms = "
+        f"{zip_['merge_pct_of_unpruned_llm_prefill']:.2f}% of the unpruned LLM prefill; vision tower "
+        f"{zip_['vtprune_tower_s'] * 1e3:.0f} ms (vtprune: SDPA + hooks) vs "
+        f"{zip_['official_style_tower_s'] * 1e3:.0f} ms (official-style: eager, output_attentions) = "
+        f"{zip_['official_style_tower_s'] / zip_['vtprune_tower_s']:.2f}x."
     )
     return "\n".join(lines)
 
