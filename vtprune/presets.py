@@ -139,6 +139,19 @@ def _merging() -> None:
     for dominant, contextual in ((54, 10), (108, 20), (162, 30)):
         options = {"dominant": dominant, "contextual": contextual}
         register_preset(Preset(f"visionzip-{dominant + contextual}", "visionzip", options, paper=visionzip))
+    next_paper = "VisionZip, arXiv 2412.04467, Table 9 (LLaVA-NeXT: totals over 5 sub-images, budgets per sub-image)"
+    for total, (dominant, contextual) in ((160, (27, 5)), (320, (54, 10)), (640, (108, 20))):
+        options = {"dominant": dominant, "contextual": contextual}
+        note = f"{dominant} + {contextual} per sub-image"
+        register_preset(Preset(f"visionzip-next-{total}", "visionzip", options, paper=next_paper, note=note))
+    register_preset(
+        Preset(
+            "prumerge_plus-adaptive",
+            "prumerge_plus",
+            {},
+            paper="PruMerge+, arXiv 2403.15388 (official forward: adaptive IQR count, about 144 of 576 tokens)",
+        )
+    )
     for tokens, side in ((144, 12), (64, 8)):
         register_preset(
             Preset(
