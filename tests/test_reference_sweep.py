@@ -33,6 +33,7 @@ def test_keep_ratio_becomes_each_methods_budget(reference, ratio, kept):
         assert budget_options(model, method, ratio) == {"keep_ratio": ratio}
     assert budget_options(model, "hired", ratio) == {"budget_ratio": ratio}
     assert budget_options(model, "fastv", ratio) == {"keep_tokens": kept}
+    assert budget_options(model, "prumerge_plus", ratio) == {"keep_tokens": kept}  # a token count only
     # pdrop keeps floor(144 * lam^s) after cut s: the last cut must land on the same count
     for layers, cuts in ((None, 3), ("1;3", 2), ("2", 1)):
         lam = budget_options(model, "pdrop", ratio, {} if layers is None else {"layers": layers})["lam"]

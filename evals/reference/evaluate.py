@@ -204,7 +204,7 @@ def budget_options(model, method: str, ratio: float, options: dict | None = None
     """The options that give ``method`` the keep ratio ``ratio`` on ``model``.
 
     - methods with ``keep_ratio`` (fastervlm, fopru, random, uniform, globalcom2, quota): it;
-      hired: ``budget_ratio``;
+      hired: ``budget_ratio``; methods with only ``keep_tokens`` (prumerge_plus): round(r x N);
     - fastv: ``keep_tokens`` = round(r x N): layers k.. see the tokens a pre-LLM method keeps;
     - pdrop: lambda such that its last cut keeps round(r x N) (``int(N lambda^s)``, s = the
       number of cuts, from ``options["layers"]`` or the default depth fractions).
@@ -225,6 +225,8 @@ def budget_options(model, method: str, ratio: float, options: dict | None = None
         return {"keep_ratio": ratio}
     if "budget_ratio" in names:
         return {"budget_ratio": ratio}
+    if "keep_tokens" in names:  # a token count only (prumerge_plus): round(r x N)
+        return {"keep_tokens": kept}
     raise ValueError(f"no keep-ratio budget for method {method!r}; its options: {', '.join(names)}")
 
 
