@@ -413,7 +413,7 @@ def kept_per_image(model, record, sizes):
     ("spec", "per_image_total"),
     [
         ("fastervlm:keep_tokens=3", lambda image: int(image.valid.sum(dim=1).clamp(max=3).sum())),
-        ("hired:budget_ratio=0.3", lambda image: int(0.3 * int(image.valid.sum()) + 0.5)),
+        ("hired:budget_ratio=0.3,budget_base=valid", lambda image: int(0.3 * int(image.valid.sum()) + 0.5)),
         ("random:keep_ratio=0.25,budget=global", None),
     ],
 )
