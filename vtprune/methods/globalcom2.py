@@ -17,9 +17,11 @@ How it follows the official code (``score="logits"``, the default):
   over the block of the thumbnail grid the crop covers (a plain block split of the thumbnail
   grid, ``side // crops`` patches per block, the last block taking the rest): with s_i that sum,
   r_i = r * (1 + softmax(s / T)_i - mean(softmax(s / T))), capped at 1 (T = ``temperature``,
-  default 10). The logits differ by a few units across tokens, so the block sums differ by
-  tens and the crops' ratios spread; post-softmax rows sum to 1 per image, so their block sums
-  differ by well under 1, s / 10 is nearly flat and every r_i falls within about 1 % of r;
+  default 10). Logits are unbounded: a difference of one or two units per token over a block of
+  a hundred tokens makes block sums that differ by tens, so the crops' ratios spread (in the tests,
+  logits 2 units higher on one quarter: the ratios span 50 % of r and more); a post-softmax row
+  sums to 1 per image, so its block sums differ by well under 1, s / 10 is nearly flat and every
+  r_i falls within about 1-2 % of r;
 - within a crop, tokens are ranked by the sum of the L2-normalised score of the crop itself and
   the L2-normalised thumbnail score resized onto the crop (``select_topk_crop_features``);
   crop tokens stay in original order.
@@ -38,7 +40,7 @@ Where it deliberately differs:
 ``score="softmax"``: vtprune's earlier reading, kept as an option: the post-softmax [CLS] row of
 the feature layer, and each crop's weight is the thumbnail map resized onto the unpadded crop
 canvas and summed over the crop's part. With it the retention step is nearly switched off
-(every crop within about 1 % of r).
+(every crop within about 1-2 % of r).
 """
 
 from __future__ import annotations
