@@ -367,6 +367,8 @@ def test_cdpruner_needs_a_clip_joint_space_and_the_instruction():
     import contract_cases
 
     model, sample = tiny_llava_and_inputs()
+    with pytest.raises(ValueError, match="cannot load the CLIP checkpoint"):
+        vtprune.patch(model, "cdpruner", keep_tokens=8, clip="/nonexistent/clip")
     with vtprune.patched(model, "cdpruner", keep_tokens=8, clip=contract_cases.CLIP) as handle:
         with pytest.raises(ValueError, match="handle.set_query"), torch.no_grad():
             model(**sample)

@@ -159,8 +159,15 @@ class CDPruner(Method):
         if self.relevance is None:  # a checkpoint name: CLIP's text and vision towers, on the model's device
             from transformers import AutoTokenizer, CLIPModel
 
-            clip = CLIPModel.from_pretrained(self.config.clip).to(next(model.parameters()).device).eval()
-            self.relevance = ClipRelevance(clip, AutoTokenizer.from_pretrained(self.config.clip))
+            try:
+                clip = CLIPModel.from_pretrained(self.config.clip).to(next(model.parameters()).device).eval()
+                tokenizer = AutoTokenizer.from_pretrained(self.config.clip)
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"cdpruner: cannot load the CLIP checkpoint {self.config.clip!r} ({error}); pass a local path, or "
+                    "clip=ClipRelevance(clip_model, tokenizer)"
+                ) from error
+            self.relevance = ClipRelevance(clip, tokenizer)
         width = getattr(getattr(model.config, "vision_config", None), "hidden_size", None)
         if width is not None and width != self.relevance.vision_width:
             raise ValueError(
