@@ -34,7 +34,7 @@ Where it deliberately differs:
   newline stays iff the row keeps a token), where the official code lets them compete as tokens.
 
 Runs on the families whose adapter hands over each image's projected tokens (LLaVA-1.5,
-LLaVA-NeXT); the others refuse at patch time.
+LLaVA-NeXT, the original LLaVA package); the others refuse at patch time.
 """
 
 from __future__ import annotations
