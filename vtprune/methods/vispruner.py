@@ -40,7 +40,9 @@ Where it deliberately differs:
   (the official code drops ``_unpad`` and keeps 5 x 576 tokens); newline tokens follow vtprune's
   AnyRes rule (a row's newline stays iff the row keeps a token);
 - towers without [CLS] (SigLIP, Qwen2-VL's ViT) refuse at patch time; the official SigLIP
-  variant (attention received at the last layer) is not implemented.
+  variant (attention received at the last layer) is not implemented. It runs on LLaVA-1.5 and
+  LLaVA-NeXT, whose adapters hand over the feature layer's tokens with the [CLS] row; the other
+  families refuse at patch time.
 """
 
 from __future__ import annotations
