@@ -32,7 +32,10 @@ from vtprune.methods.fopru import FoPruConfig
 from vtprune.methods.globalcom2 import GlobalCom2Config
 from vtprune.methods.hired import HiREDConfig
 from vtprune.methods.pdrop import PDropConfig
+from vtprune.methods.pool import PoolConfig
+from vtprune.methods.prumerge_plus import PruMergePlusConfig
 from vtprune.methods.quota import QuotaConfig
+from vtprune.methods.visionzip import VisionZipConfig
 from vtprune.methods.vispruner import VisPrunerConfig
 from vtprune.registry import methods, register_method
 
@@ -53,7 +56,9 @@ __all__ = [
     "Method",
     "MethodConfig",
     "PDropConfig",
+    "PoolConfig",
     "PruneHandle",
+    "PruMergePlusConfig",
     "PruneRecord",
     "QuotaConfig",
     "RandomConfig",
@@ -61,6 +66,7 @@ __all__ = [
     "UniformConfig",
     "UnknownOptionError",
     "VisPrunerConfig",
+    "VisionZipConfig",
     "VisualLayout",
     "build_methods",
     "get_handle",
