@@ -200,10 +200,11 @@ def visionzip_tokens(
     rest = length - dominant
     metric = keys.float().gather(1, (rest_index - 1)[..., None].expand(-1, -1, keys.shape[-1]))
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    targets = torch.arange(0, rest, max(1, rest // contextual), device=device)[:contextual]
-    is_target = torch.zeros(rest, dtype=torch.bool, device=device)
+    # from shapes only, the same for every image: built on the host, no device read
+    targets = torch.arange(0, rest, max(1, rest // contextual))[:contextual]
+    is_target = torch.zeros(rest, dtype=torch.bool)
     is_target[targets] = True
-    members = (~is_target).nonzero().flatten()  # from shapes only: the same for every image
+    targets, members = targets.to(device), (~is_target).nonzero().flatten().to(device)
     assign = torch.bmm(metric[:, members], metric[:, targets].transpose(1, 2)).argmax(dim=2)  # (n, M)
     one_hot = torch.zeros(n, members.numel(), contextual, dtype=hidden.dtype, device=device)
     one_hot.scatter_(2, assign[..., None], 1)
