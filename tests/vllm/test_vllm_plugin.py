@@ -225,3 +225,50 @@ def test_the_openai_server_prunes_with_hf_overrides_json(model_dir, tmp_path):
     tokens = [int(step["token"].removeprefix("token_id:")) for step in answer["choices"][0]["logprobs"]["content"]]
     expected_tokens, margins, _ = reference(model_dir, spec, ids, image)
     assert_same_greedy(tokens, expected_tokens, margins, "server")
+
+
+@pytest.mark.parametrize(
+    "builder, spec, reason",
+    [
+        ("tiny_llava_next", "fastervlm:keep_tokens=5", "the packed count then depends on the content"),
+        ("tiny_llava_onevision", "uniform:keep_tokens=5", "the packed count then depends on the content"),
+    ],
+)
+def test_families_vllm_cannot_serve_pruned_refuse_a_vtprune_entry(tmp_path, builder, spec, reason):
+    """A ``vtprune`` entry on a family the plugin does not serve fails at start-up with the reason (its
+    config and a tokenizer are enough: the refusal comes before any weights load)."""
+    from vtprune.evals.bench.vllm_serving import word_tokenizer
+    from vtprune.evals.models import transformers_vlms
+
+    model = getattr(transformers_vlms, builder)()
+    config = model.config
+    config.architectures = [type(model).__name__]  # as a checkpoint's config.json names it
+    config.save_pretrained(tmp_path)
+    word_tokenizer(config.text_config.vocab_size).save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as error:
+        start(tmp_path, spec)
+    assert "is not served" in str(error.value) and reason in str(error.value)
+
+
+@pytest.mark.parametrize("builder", ["tiny_qwen2_vl", "tiny_qwen2_5_vl"])
+def test_m_rope_families_refuse_a_vtprune_entry_at_the_config_check(builder):
+    """Qwen2-VL / Qwen2.5-VL: vLLM's own model files import torchvision (``smart_resize``), which this
+    environment lacks, so no engine can start here; the start-up check the plugin registers for them is
+    called as vLLM's ModelConfig calls it."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.plugins import load_general_plugins
+
+    from vtprune.evals.models import transformers_vlms
+
+    load_general_plugins()  # what every vLLM process does first (the entry point)
+    model = getattr(transformers_vlms, builder)()
+    check = MODELS_CONFIG_MAP[type(model).__name__]
+    check.verify_and_update_model_config(SimpleNamespace(hf_config=model.config))  # no entry: nothing to refuse
+    model.config.vtprune = "fastervlm:keep_ratio=0.25,score=received"
+    with pytest.raises(ValueError, match="vLLM 0.32 recomputes them after pruning"):
+        check.verify_and_update_model_config(SimpleNamespace(hf_config=model.config))
+    model.config.vtprune = "fastervlm:keep_ratio=0.25,scor=received"
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['scor'\]"):
+        check.verify_and_update_model_config(SimpleNamespace(hf_config=model.config))
