@@ -38,7 +38,14 @@ NEW_TOKENS = 6
 TIE = 1e-3  # a top-2 logit margin this small may flip between vLLM's and transformers' fp32 kernels
 TOKENS_PER_IMAGE = 16  # the tiny tower's 4 x 4 patches
 CASES = [(seed, 3 + seed, 5) for seed in range(3)]  # (image seed, text before, text after)
-SPECS = ["fastervlm:keep_tokens=5", "random:keep_tokens=7,seed=3", "uniform:keep_ratio=0.25", "fopru:keep_tokens=6"]
+FULL = {"vision_feature_select_strategy": "full"}  # [CLS] is a visual token too: 17 per image
+SPECS = [
+    ("fastervlm:keep_tokens=5", {}),
+    ("random:keep_tokens=7,seed=3", {}),
+    ("uniform:keep_ratio=0.25", {}),
+    ("fopru:keep_tokens=6", {}),
+    ("fastervlm:keep_tokens=5", FULL),
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +55,8 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def start(model_dir, spec=None):
-    overrides = {} if spec is None else {"vtprune": spec}
+def start(model_dir, spec=None, config=None):
+    overrides = dict(config or {}) if spec is None else {**(config or {}), "vtprune": spec}
     return LLM(
         model=str(model_dir),
         dtype="float32",
@@ -73,11 +80,14 @@ def served(llm, ids, image):
     return list(output.outputs[0].token_ids), len(output.prompt_token_ids), kept
 
 
-def reference(model_dir, spec, ids, image):
+def reference(model_dir, spec, ids, image, config=None):
     """The transformers path: greedy tokens, each step's top-2 logit margin and the kept indices of
     ``vtprune.patch`` (no patch for None)."""
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    expanded = [t for token in ids for t in ([token] * TOKENS_PER_IMAGE if token == IMAGE_TOKEN_ID else [token])]
+    for key, value in (config or {}).items():  # what hf_overrides does to vLLM's copy of the config
+        setattr(model.config, key, value)
+    per_image = image_tokens(config)
+    expanded = [t for token in ids for t in ([token] * per_image if token == IMAGE_TOKEN_ID else [token])]
     input_ids = torch.tensor([expanded])
     pixels = pixel_values(model_dir, image)
     handle = vtprune.patch(model, spec) if spec is not None else None
@@ -107,20 +117,27 @@ def assert_same_greedy(tokens, expected, margins, context):
             return
 
 
-@pytest.fixture(scope="module", params=SPECS)
+def image_tokens(config) -> int:
+    return TOKENS_PER_IMAGE + int((config or {}) == FULL)
+
+
+@pytest.fixture(scope="module", params=SPECS, ids=lambda case: case[0] + (" full" if case[1] else ""))
 def pruned(request, model_dir):
-    llm = start(model_dir, request.param)
-    yield request.param, llm
+    spec, config = request.param
+    llm = start(model_dir, spec, config)
+    yield spec, config, llm
     stop(llm)
 
 
 def test_pruned_tokens_and_indices_equal_the_transformers_path(pruned, model_dir):
-    spec, llm = pruned
-    budget = vtprune.config.build_methods(spec)[0].size_budget(vtprune.types.VisualLayout(16, (4, 4)))
+    spec, config, llm = pruned
+    prefix = image_tokens(config) - TOKENS_PER_IMAGE
+    layout = vtprune.types.VisualLayout(image_tokens(config), (4, 4), prefix)
+    budget = vtprune.config.build_methods(spec)[0].size_budget(layout)
     for seed, before, after in CASES:
         ids, image = prompt_ids(before, after, seed), random_image(seed)
         tokens, prompt_length, kept = served(llm, ids, image)
-        expected_tokens, margins, expected_kept = reference(model_dir, spec, ids, image)
+        expected_tokens, margins, expected_kept = reference(model_dir, spec, ids, image, config)
         assert kept.shape == (1, budget)
         assert kept[0].tolist() == expected_kept.tolist(), spec
         assert_same_greedy(tokens, expected_tokens, margins, spec)
