@@ -44,10 +44,8 @@ class ScoreProbes:
     def __init__(self, attentions: dict, first_column: int):
         self.first_column = first_column
         self._scores: dict | None = None
-        self.handles = [
+        for name, (kind, attention) in attentions.items():  # the hooks live as long as the model
             attention.qkv_proj.register_forward_hook(self._hook(name, kind, attention))
-            for name, (kind, attention) in attentions.items()
-        ]
 
     def _hook(self, name: str, kind: str, attention):
         local_heads = attention.num_heads_per_partition
