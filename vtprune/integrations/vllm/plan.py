@@ -8,9 +8,10 @@ what vLLM cannot run:
 
 - in-LLM methods (fastv, pdrop: tokens dropped between decoder layers): vLLM lays out the KV cache of
   every layer from one slot mapping per step, so a layer cannot hold fewer tokens than the prompt;
-- methods whose kept count is not a function of the image size (content-adaptive budgets) or whose
-  selection reads the prompt (text-conditioned: quota): vLLM sizes each image's placeholders in the
-  front end before the vision tower runs, and caches encoder outputs by image hash, for any prompt;
+- methods whose kept count is not a function of the image size (content-adaptive budgets): vLLM sizes
+  each image's placeholders in the front end before the vision tower runs;
+- methods whose selection reads the prompt (query-aware: quota, cdpruner): vLLM caches encoder outputs
+  by image hash and reuses them for any prompt;
 - family-level mismatches (a tower other than CLIP, a probe layer vLLM does not build, a multi-crop
   method on single-resolution images, a budget larger than an image).
 """
@@ -34,10 +35,14 @@ IN_LLM_REASON = (
     "path (vtprune.patch)"
 )
 SIZE_REASON = (
-    "its kept-token count is not a function of the image size alone, or its selection reads the prompt: vLLM "
-    "reserves each image's prompt slots in the front end before the vision tower runs and reuses encoder "
-    "outputs by image hash for any prompt, so only methods whose budget follows from the image size (fastervlm, "
-    "fopru, random, uniform) can run there; this one runs on the transformers path (vtprune.patch)"
+    "its kept-token count is not a function of the image size alone: vLLM reserves each image's prompt slots in "
+    "the front end before the vision tower runs, so only methods whose budget follows from the image size "
+    "(fastervlm, fopru, random, uniform) can run there; this one runs on the transformers path (vtprune.patch)"
+)
+TEXT_REASON = (
+    "its selection reads the prompt (a query), and vLLM computes an image's embeddings once and reuses them by "
+    "image hash for any prompt (the encoder cache); query-aware methods run on the transformers path "
+    "(vtprune.patch)"
 )
 
 
@@ -116,6 +121,8 @@ def serving_plan(hf_config, architecture: str, built_layers: int) -> ServingPlan
             f"{prefix} splits a budget across the crops of high-resolution (AnyRes) images; {architecture} sees "
             "single-resolution images: use fastervlm, fopru, random or uniform"
         )
+    if hasattr(method.config, "query"):  # query-aware, as PruneHandle.set_query finds them
+        raise ValueError(f"{prefix} cannot run in vLLM: {TEXT_REASON}")
     if method.size_budget(layout) is None:
         raise ValueError(f"{prefix} cannot run in vLLM: {SIZE_REASON}")
     if getattr(method, "merges", False) or getattr(method, "replaces_features", False):
