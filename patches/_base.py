@@ -119,6 +119,7 @@ class Adapter:
     has_crops: ClassVar[bool] = False  # whether images come as a base image plus crops (AnyRes)
     merges_tokens: ClassVar[bool] = False  # whether the selector takes merged tokens (methods with merges = True)
     merges_crops: ClassVar[bool] = False  # whether it takes them on AnyRes crops (methods with merge_crops)
+    merges_in_place: ClassVar[bool] = False  # whether it rewrites kept tokens in place (methods with merges_in_place)
     no_crops: ClassVar[str] = "sees single-resolution images: use fastervlm, fopru, random or uniform"
 
     def __init_subclass__(cls, **kwargs):
@@ -314,6 +315,12 @@ class Adapter:
                 f"method {method.name!r} merges tokens, which vtprune supports on single-resolution images of one "
                 "fixed layout (llava; llava_original without AnyRes packing) and, for methods with an AnyRes rule "
                 f"(visionzip), on LLaVA-NeXT; {type(self.model).__name__} is not supported yet"
+            )
+        if getattr(method, "merges_in_place", False) and not self.merges_in_place:
+            raise ValueError(
+                f"method {method.name!r} with this option merges tokens in place, the official rule of towers "
+                f"without [CLS], which vtprune supports on Qwen2-VL and Qwen2.5-VL; {type(self.model).__name__} "
+                "is not supported"
             )
         if getattr(method, "needs_projector", False) and self.projector() is None:
             raise ValueError(

@@ -55,12 +55,13 @@ import threading
 
 import torch
 
+from vtprune.engine.pre_llm import visual_rows
 from vtprune.engine.probe import received_attention
 from vtprune.patches import register_adapter
 from vtprune.patches._backbones import LlamaStyleBackbone
 from vtprune.patches._base import IMAGES_AND_VIDEOS, Adapter, scatter_kinds
 from vtprune.patches._frames import FrameSet, plan_frame_sets, select_frames
-from vtprune.types import VisualInputs, VisualLayout
+from vtprune.types import TokenSelection, VisualInputs, VisualLayout
 
 
 class Qwen2VLBackbone(LlamaStyleBackbone):
@@ -113,12 +114,24 @@ def received_per_slice(qkv: torch.Tensor, cos_sin, cu_seqlens, num_heads: int, s
     return torch.cat(parts)
 
 
+def keys_per_merge_unit(qkv: torch.Tensor, cos_sin, num_heads: int, merge2: int) -> torch.Tensor:
+    """The block's keys after the vision rotary, mean over heads and over each merge unit of
+    ``merge2`` patches: (S, 3 * D) -> (S / merge2, D / H) fp32 (VisionZip's Qwen2.5-VL metric)."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    length = qkv.shape[0]
+    q, k, _ = qkv.view(length, 3, num_heads, -1).unbind(1)
+    _, k = apply_rotary_pos_emb_vision(q, k, *cos_sin)  # (S, H, hd)
+    return k.float().mean(dim=1).view(length // merge2, merge2, -1).mean(dim=1)
+
+
 @register_adapter
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
     visual_kinds = IMAGES_AND_VIDEOS
     supports_feature_replacement = True  # quota: frames replaced by their resized grids
+    merges_in_place = True  # visionzip's qwen2_5_vl variant: contextual tokens at their targets' columns
     no_crops = "has no crops (native resolution): use fastervlm (score='received'), fopru, random or uniform"
 
     def __init__(self, model):
@@ -166,6 +179,8 @@ class Qwen2VLAdapter(Adapter):
     def selector(self, method, layout):
         if getattr(method, "replaces_features", False):
             return self._quota_selector(method)
+        if getattr(method, "merges_in_place", False):
+            return self._in_place_selector(method)
         merge = self.merge
 
         def select(inputs, device):
@@ -182,6 +197,33 @@ class Qwen2VLAdapter(Adapter):
                     first += count
                 keeps[kind] = torch.cat(parts)
             return None if everything else scatter_kinds(inputs, keeps, device)
+
+        return select
+
+    def _in_place_selector(self, method):
+        """Per image, ``method.merge_in_place`` on its merged tokens (LLM input embeddings, probe
+        scores): the kept columns, their values, and each token's carrier (images only)."""
+        merge = self.merge
+
+        def select(inputs, device):
+            if "video" in inputs.visual:
+                raise NotImplementedError(
+                    f"{method.name}: this variant merges image tokens only (the official code's video path does "
+                    "not run); pass images"
+                )
+            info = inputs.visual["image"]
+            counts = [t * (h // merge) * (w // merge) for t, h, w in info.grids]
+            embeds = visual_rows(inputs.inputs_embeds, inputs.kinds["image"].to(device), sum(counts))
+            keep = torch.zeros(sum(counts), dtype=torch.bool, device=device)
+            values, into, first = [], [], 0
+            for count in counts:  # a few images per batch
+                scores = {name: score[first : first + count] for name, score in info.scores.items()}
+                kept, rows, sources = method.merge_in_place(scores, embeds[first : first + count])
+                keep[first + kept] = True
+                values.append(rows)
+                into.append(first + kept[sources])
+                first += count
+            return TokenSelection(keep, replace=keep, values=torch.cat(values), merged_into=torch.cat(into))
 
         return select
 
@@ -267,8 +309,8 @@ class Qwen2VLAdapter(Adapter):
 
     def probe_hooks(self, name, kind, attention) -> list:
         """Capture the block's ``qkv`` output and its rotary / ``cu_seqlens`` inputs, then score every
-        merged token (mean of its merge x merge patches) when the block returns ("received" only:
-        the ViT has no [CLS])."""
+        merged token (mean of its merge x merge patches) when the block returns: "received" (the ViT has
+        no [CLS]), or "keys" (the rotated keys, mean over heads and the merge unit)."""
         merge2 = self.merge**2
         captured = threading.local()  # per thread: the block call in progress
         stack = self.stack
@@ -282,6 +324,9 @@ class Qwen2VLAdapter(Adapter):
         def score(module, args, output):
             qkv = vars(captured).pop("qkv", None)
             if qkv is None:
+                return
+            if kind == "keys":
+                stack.add_scores(name, keys_per_merge_unit(qkv, captured.cos_sin, attention.num_heads, merge2))
                 return
             patches = received_per_slice(
                 qkv, captured.cos_sin, captured.cu_seqlens, attention.num_heads, attention.scaling

@@ -387,3 +387,112 @@ def test_bench_times_the_visionzip_merge_and_both_towers():
     figures = time_visionzip(tiny, inputs, base_llm_prefill_s=1.0, repeats=1, dominant=5, contextual=2)
     assert figures["merge_s"] > 0 and figures["vtprune_tower_s"] > 0 and figures["official_style_tower_s"] > 0
     assert tiny.model.vision_tower.config._attn_implementation == "sdpa"  # the eager switch is undone
+
+
+# -- VisionZip's Qwen2.5-VL variant: the official rule, restated ---------------------------------
+
+
+def official_qwen_visionzip(model, sample, embeds):
+    """``Qwen2_5_VL/qwen2_5vl_visionzip.py`` on one image: the last block's softmax(q k^T / sqrt(d)) of the
+    rotated q / k over the whole image, head-mean, summed over queries, mean over each 2 x 2 unit, back
+    from window order; keys likewise (unit mean, head mean); int(0.65 Nm) dominant by that score and
+    max(int(0.05 Nm), 1) contextual (stride targets, cosine argmax, target + mean of members) written
+    at their targets. Returns (kept merged-token indices, their values) in raster order."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = model.model.visual
+    attention = visual.blocks[-1].attn
+    captured = {}
+    hooks = [
+        attention.register_forward_pre_hook(
+            lambda m, a, kw: captured.update(cos_sin=kw["position_embeddings"]), with_kwargs=True
+        ),
+        attention.qkv.register_forward_hook(lambda m, a, out: captured.update(qkv=out)),
+    ]
+    with torch.no_grad():
+        model.model.get_image_features(pixel_values=sample["pixel_values"], image_grid_thw=sample["image_grid_thw"])
+    for hook in hooks:
+        hook.remove()
+    length = captured["qkv"].shape[0]
+    heads = attention.num_heads
+    q, k, _ = captured["qkv"].view(length, 3, heads, -1).unbind(1)
+    q, k = apply_rotary_pos_emb_vision(q, k, *captured["cos_sin"])
+    q, k = q.transpose(0, 1).float(), k.transpose(0, 1).float()  # (H, T, d)
+    logits = (q @ k.transpose(1, 2) / q.shape[-1] ** 0.5).softmax(dim=-1)
+    vision = model.config.vision_config
+    window_index, _ = get_vision_window_index(
+        sample["image_grid_thw"],
+        spatial_merge_size=vision.spatial_merge_size,
+        window_size=vision.window_size,
+        patch_size=vision.patch_size,
+    )
+    reverse = window_index.argsort()
+    score = logits.mean(dim=0).sum(dim=0).view(length // 4, 4).mean(-1)[reverse]
+    keys = k.view(heads, length // 4, 4, -1).mean(2)[:, reverse].mean(0)
+
+    count = length // 4
+    dominant, contextual = int(0.65 * count), max(int(0.05 * count), 1)
+    keep = torch.zeros(count, dtype=torch.bool)
+    keep[score.topk(dominant).indices] = True
+    rest = (~keep).nonzero().flatten()
+    metric = keys[rest] / keys[rest].norm(dim=-1, keepdim=True)
+    targets = torch.arange(0, rest.numel(), max(1, rest.numel() // contextual))[:contextual]
+    others = ~torch.isin(torch.arange(rest.numel()), targets)
+    assign = (metric[others] @ metric[targets].T).argmax(dim=1)
+    values = embeds.clone()
+    for c, target in enumerate(targets.tolist()):
+        members = rest[others][assign == c]
+        mean = embeds[members].mean(dim=0) if members.numel() else torch.zeros_like(embeds[0])
+        values[rest[target]] = embeds[rest[target]] + mean
+    keep[rest[targets]] = True
+    return keep.nonzero().flatten(), values[keep]
+
+
+def test_visionzip_qwen2_5_vl_variant_equals_the_official_rule():
+    from helpers import qwen2_vl_pixels, qwen2_vl_prompt
+
+    model = vlms.tiny_qwen2_5_vl(seed=4, layers=2)
+    grid = (1, 8, 12)  # 24 merged tokens, 2 x 2-token windows
+    ids, types = qwen2_vl_prompt([3, 4], [grid], seed=4)
+    sample = {
+        "input_ids": ids[None],
+        "mm_token_type_ids": types[None],
+        "pixel_values": qwen2_vl_pixels([grid], seed=4),
+        "image_grid_thw": torch.tensor([grid]),
+    }
+    image = ids == vlms.IMAGE_TOKEN_ID
+    with torch.no_grad():
+        features = torch.cat(
+            model.model.get_image_features(**{k: sample[k] for k in ("pixel_values", "image_grid_thw")}).pooler_output
+        )
+    kept, values = official_qwen_visionzip(model, sample, features)
+    seen = {}
+    with vtprune.patched(model, "visionzip", keep_ratio=0.7, variant="qwen2_5_vl", positions="original") as handle:
+        hook = model.model.language_model.register_forward_pre_hook(  # after the stack's: the cut sequence
+            lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True
+        )
+        with torch.no_grad():
+            model(**sample)
+        hook.remove()
+        stage = handle.last.stages[0]
+    assert stage.kept[0].tolist() == kept.tolist()
+    first = int(image.nonzero()[0])
+    torch.testing.assert_close(seen["embeds"][0, first : first + kept.numel()], values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_visionzip_qwen2_5_vl_variant_batch_equals_each_sample_alone(family):
+    from contract_cases import FAMILIES
+
+    case = FAMILIES[family]()
+    options = {"keep_ratio": 0.7, "variant": "qwen2_5_vl"}
+    with vtprune.patched(case.model, "visionzip", **options) as handle, torch.no_grad():
+        batch = case.model(**case.batch).logits[:, -1]
+        kept = handle.last.stages[0].kept
+        for index, sample in enumerate(case.samples):
+            alone = case.model(**sample).logits[:, -1]
+            assert handle.last.stages[0].kept[0].tolist() == kept[index].tolist()
+            torch.testing.assert_close(batch[index], alone[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="in place"):
+        vtprune.patch(vlms.tiny_llava(seed=0), "visionzip", keep_ratio=0.5, variant="qwen2_5_vl")

@@ -470,7 +470,7 @@ def time_visionzip(
         with torch.no_grad():
             cls = cls_attention_row(captured["q"], captured["k"], attention.num_heads, attention.scale)[:, 1:]
             keys = head_mean_keys(captured["q"], captured["k"], attention.num_heads, attention.scale)[:, 1:]
-            tokens, sources = visionzip_tokens(cls, keys, captured["h"], dominant, contextual)
+            tokens, sources, _ = visionzip_tokens(cls, keys, captured["h"], dominant, contextual)
             selection = merged_selection(MergedTokens(projector(tokens), sources[:, 1:]), num_tokens)
             plan = plan_cut((~image_mask).masked_scatter(image_mask, selection.keep))
             return plan.gather(embeds)

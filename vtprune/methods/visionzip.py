@@ -41,9 +41,24 @@ paper's 160 / 320 / 640 are 32 / 64 / 128 per sub-image of five): the base image
 crops' dominant patches in the stitched canvas order (no unpadding, no newlines), the crops' [CLS]
 tokens, then their contextual tokens; they fill the first columns of the image's packed block.
 
-Not supported (refused at patch time): towers without [CLS] (the official Qwen2.5-VL variant,
-attention received at the last block and contextual tokens at their targets' positions, is not
-implemented yet), and AnyRes packing in the original LLaVA package (LLaVA-NeXT in transformers is).
+Towers without [CLS] (``variant="qwen2_5_vl"``, opt-in): the official Qwen2.5-VL variant
+(``Qwen2_5_VL/qwen2_5vl_visionzip.py`` @ 68993a3: ``Qwen2_5_VisionTransformerPretrainedModel.forward``
+and ``Qwen2_5_VLForConditionalGeneration.forward``): the dominant score is the attention each merged
+token receives at the last vision block (head-mean, over all queries, mean over its 2 x 2 patches,
+in raster order), the metric the block's rotated keys (mean over heads and the 2 x 2 patches); the
+dominant tokens are the top ``dominant`` of all merged tokens (no [CLS]); the same stride targets
+and assignment run on the LLM input embeddings, and each contextual token is written at its target's
+column (raster order, dominant and contextual interleaved). The official ``int(0.65 Nm)`` +
+``max(int(0.05 Nm), 1)`` is ``keep_ratio=0.7``; it keeps the original M-RoPE positions:
+``positions="original"``. Differences: budgets per image (the official counts pool every image of the
+call and assume one contiguous image span, batch 1); the attention per temporal slice as the eager
+block masks it (the official FlashAttention path ignores ``cu_seqlens``); images only (the official
+video path does not run); supported on Qwen2-VL, Qwen2.5-VL and Qwen3-VL (the official code is for
+Qwen2.5-VL; Qwen3-VL's DeepStack features are cut with the kept tokens, not merged).
+
+Not supported (refused at patch time): the LLaVA variant on towers without [CLS], the Qwen variant
+outside the Qwen-VL families, and AnyRes packing in the original LLaVA package (LLaVA-NeXT in
+transformers is supported).
 """
 
 from __future__ import annotations
@@ -57,6 +72,8 @@ from vtprune.methods.base import Method, MethodConfig
 from vtprune.registry import register_method
 from vtprune.types import MergedTokens, VisualLayout
 
+VARIANTS = ("llava", "qwen2_5_vl")
+
 
 @dataclass
 class VisionZipConfig(MethodConfig):
@@ -64,9 +81,17 @@ class VisionZipConfig(MethodConfig):
     contextual: int | None = None
     keep_tokens: int | None = None
     keep_ratio: float | None = None
+    variant: str = "llava"  # "qwen2_5_vl": the official [CLS]-free variant (attention received, in place)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"visionzip: variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant == "qwen2_5_vl" and self.keep_ratio is not None and self.keep_ratio <= 0.05:
+            raise ValueError(
+                f"visionzip: the qwen2_5_vl variant keeps 5% contextual tokens: keep_ratio > 0.05, got "
+                f"{self.keep_ratio}"
+            )
         given = (self.dominant is not None or self.contextual is not None) + (self.keep_tokens is not None)
         given += self.keep_ratio is not None
         if given != 1:
@@ -94,6 +119,18 @@ class VisionZipConfig(MethodConfig):
         contextual = max(1, math.floor(5 * k / 32 + 0.5))
         return k - contextual, contextual
 
+    def qwen_split(self, num_tokens: int) -> tuple[int, int]:
+        """(dominant, contextual) of the qwen2_5_vl variant for ``num_tokens`` merged tokens: the
+        official ``int(0.65 Nm)`` + ``max(int(0.05 Nm), 1)`` is keep_ratio=0.7 (the README's "50%":
+        0.5); keep_tokens=T: ``max(1, T // 14)`` contextual (the same 1 : 13 split)."""
+        if self.dominant is not None:
+            return self.dominant, self.contextual
+        if self.keep_tokens is not None:
+            contextual = max(1, self.keep_tokens // 14)
+            return max(1, self.keep_tokens - contextual), contextual
+        contextual = max(int(0.05 * num_tokens), 1)
+        return max(1, int(round(self.keep_ratio - 0.05, 10) * num_tokens)), contextual
+
 
 @register_method
 class VisionZip(Method):
@@ -101,12 +138,44 @@ class VisionZip(Method):
     config_class = VisionZipConfig
     score = "cls_attention"
     paper = "VisionZip: Longer is Better but Not Necessary in Vision Language Models (arXiv 2412.04467)"
-    merges = True  # answers with MergedTokens (the engine fills each image block's first columns)
-    needs_projector = True  # merges vision features: the adapter sets ``projector``
     projector: torch.nn.Module | None = None
 
+    @property
+    def merges(self) -> bool:
+        """The LLaVA variant answers with MergedTokens (the engine fills each image block's first columns)."""
+        return self.config.variant == "llava"
+
+    @property
+    def needs_projector(self) -> bool:
+        """The LLaVA variant merges vision features: the adapter sets ``projector``."""
+        return self.config.variant == "llava"
+
+    @property
+    def merges_in_place(self) -> bool:
+        """The qwen2_5_vl variant rewrites kept tokens where they are (:meth:`merge_in_place`)."""
+        return self.config.variant == "qwen2_5_vl"
+
     def vision_probes(self):
+        if self.config.variant == "qwen2_5_vl":  # the last block: attention received, keys (after RoPE)
+            return {"received": ("received", -1), "keys": ("keys", -1)}
         return {"cls": ("cls", "feature"), "keys": ("keys", "feature"), "hidden": ("hidden", "feature")}
+
+    def merge_in_place(self, scores: dict, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image of the qwen2_5_vl variant (``Qwen2_5_VL/qwen2_5vl_visionzip.py``): its (n, D) LLM
+        input embeddings, the attention each merged token receives and its keys. Returns the kept
+        columns (K,) ascending, their values (K, D) (a contextual token at its target's column) and the
+        sources (n,): the position in the kept columns of the token carrying each input token."""
+        count = embeds.shape[0]
+        dominant, contextual = self.config.qwen_split(count)
+        if dominant + contextual >= count:  # the whole image fits the budget: kept as it is
+            kept = torch.arange(count, device=embeds.device)
+            return kept, embeds, kept
+        tokens, sources, anchors = visionzip_tokens(
+            scores["received"][None], scores["keys"][None], embeds[None], dominant, contextual, prefix=0
+        )
+        kept, order = anchors[0].sort()
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return kept, tokens[0, order], rank[sources[0]]
 
     def keeps_everything(self, layout: VisualLayout) -> bool:
         return False  # [CLS] joins the tokens and the rest is merged: never the unpruned image
@@ -114,7 +183,7 @@ class VisionZip(Method):
     def merge(self, scores: dict, embeds: torch.Tensor, layout: VisualLayout) -> MergedTokens:
         hidden = scores["hidden"]  # (n, 1 + P, D): [CLS] then the patches, before the projector
         num_patches = layout.grid[0] * layout.grid[1]
-        tokens, sources = visionzip_tokens(
+        tokens, sources, _ = visionzip_tokens(
             scores["cls"][:, -num_patches:], scores["keys"][:, -num_patches:], hidden, *self._split(layout)
         )
         projector = self.projector
@@ -135,7 +204,7 @@ class VisionZip(Method):
         """
         dominant, contextual = self._split(layout)
         num_patches = layout.grid[0] * layout.grid[1]
-        tokens, sources = visionzip_tokens(
+        tokens, sources, _ = visionzip_tokens(
             scores["cls"][:, -num_patches:], scores["keys"][:, -num_patches:], scores["hidden"], dominant, contextual
         )
         values = self.projector(tokens.to(next(self.projector.parameters()).dtype))  # (S, K0, D)
@@ -181,24 +250,26 @@ class VisionZip(Method):
 
 
 def visionzip_tokens(
-    cls: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, dominant: int, contextual: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    scores: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, dominant: int, contextual: int, prefix: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The official dominant + contextual rule on a batch of images.
 
-    cls: (n, P) [CLS] attention over the patches; keys: (n, P, d) the merge metric of the patches;
-    hidden: (n, 1 + P, D) the layer's hidden states, [CLS] first. Returns the tokens
-    (n, dominant + contextual, D), [CLS] and the dominant patches in raster order then the
-    contextual tokens, and the sources (n, 1 + P): the token row that carries each input token.
+    hidden: (n, T, D) the tokens, the first ``prefix`` of them ([CLS]) always dominant; scores:
+    (n, T - prefix) the dominant score of the others ([CLS] attention, or the attention received);
+    keys: (n, T - prefix, d) their merge metric. Returns the tokens (n, dominant + contextual, D),
+    the dominant ones (prefix included) in raster order then the contextual ones; the sources
+    (n, T): the token row that carries each input token; and the anchors (n, dominant + contextual):
+    the input token each row stands on (itself, or its contextual target).
     """
     n, length, width = hidden.shape
     device = hidden.device
-    top = cls.topk(dominant - 1, dim=1).indices + 1  # in [CLS]-first numbering
+    top = scores.topk(dominant - prefix, dim=1).indices + prefix
     chosen = torch.zeros(n, length, dtype=torch.bool, device=device).scatter_(1, top, True)
-    chosen[:, 0] = True
+    chosen[:, :prefix] = True
     order = (~chosen).to(torch.uint8).argsort(dim=1, stable=True)  # chosen then the rest, each in raster order
     dominant_index, rest_index = order[:, :dominant], order[:, dominant:]
     rest = length - dominant
-    metric = keys.float().gather(1, (rest_index - 1)[..., None].expand(-1, -1, keys.shape[-1]))
+    metric = keys.float().gather(1, (rest_index - prefix)[..., None].expand(-1, -1, keys.shape[-1]))
     metric = metric / metric.norm(dim=-1, keepdim=True)
     # from shapes only, the same for every image: built on the host, no device read
     targets = torch.arange(0, rest, max(1, rest // contextual))[:contextual]
@@ -219,4 +290,4 @@ def visionzip_tokens(
     sources = torch.empty(n, length, dtype=torch.long, device=device)
     sources.scatter_(1, dominant_index, torch.arange(dominant, device=device).expand(n, -1))
     sources.scatter_(1, rest_index, rest_row)
-    return tokens, sources
+    return tokens, sources, torch.cat([dominant_index, rest_index[:, targets]], dim=1)
