@@ -144,6 +144,16 @@ def _merging() -> None:
         options = {"dominant": dominant, "contextual": contextual}
         note = f"{dominant} + {contextual} per sub-image"
         register_preset(Preset(f"visionzip-next-{total}", "visionzip", options, paper=next_paper, note=note))
+    for percent, ratio in ((70, 0.7), (50, 0.5)):
+        register_preset(
+            Preset(
+                f"visionzip-qwen-{percent}",
+                "visionzip",
+                {"keep_ratio": ratio, "variant": "qwen2_5_vl", "positions": "original"},
+                paper="VisionZip, Qwen2_5_VL/README.md (Qwen2.5-VL: 70% = 65% + 5% contextual; 50% = 45% + 5%)",
+                note="the [CLS]-free variant: contextual tokens at their targets, original M-RoPE positions",
+            )
+        )
     register_preset(
         Preset(
             "prumerge_plus-adaptive",
