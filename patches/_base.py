@@ -265,7 +265,7 @@ class Adapter:
         hooks.extend(self.prefill_triggers())
         if pre:
             self.probes_feature_layer = any(layer == "feature" for _, layer in pre[0].vision_probes().values())
-            self.stacked_probes = list(pre[0].vision_probes()) if getattr(pre[0], "stacks_probes", False) else None
+            self.stacked_probes = list(pre[0].vision_probes()) if pre[0].stacks_probes else None
             hooks.extend(self.feature_wrappers())
             for name, (kind, layer) in pre[0].vision_probes().items():
                 if kind == "hidden":  # the layer's output, every token (VisionZip merges vision features)
@@ -274,7 +274,7 @@ class Adapter:
                     hooks.append(self.projector().register_forward_hook(self._hidden_probe(name)))
                 else:
                     hooks.extend(self.probe_hooks(name, kind, self.vision_attention(layer)))
-            if getattr(pre[0], "needs_projector", False):
+            if pre[0].needs_projector:
                 pre[0].projector = self.projector()
         hooks.extend(self.stack.llm_hooks(self.language_model))
         if self.base is not self.model:
@@ -286,7 +286,7 @@ class Adapter:
 
     def check_pre_llm(self, method) -> None:
         """Every refusal a pre-LLM method can get from this family, at patch time."""
-        if getattr(method, "replaces_features", False) and not self.supports_feature_replacement:
+        if method.replaces_features and not self.supports_feature_replacement:
             raise ValueError(
                 f"method {method.name!r} resizes frames (video frames, or images as frames) and is supported on "
                 f"LLaVA-OneVision and Qwen2-VL; {type(self.model).__name__} is not supported yet"
@@ -302,7 +302,7 @@ class Adapter:
         for _, layer in method.vision_probes().values():
             self.vision_attention(layer)  # a layer outside the tower fails now
         embeds = any(kind == "embeds" for kind, _ in method.vision_probes().values())
-        stacked = getattr(method, "stacks_probes", False)
+        stacked = method.stacks_probes
         supported = STACKED_PROBE_FAMILIES if stacked else TOKEN_PROBE_FAMILIES
         if (embeds or stacked) and self.family not in supported:
             raise ValueError(
@@ -310,19 +310,19 @@ class Adapter:
                 f"{self.family} adapter does not hand them over yet (supported: {', '.join(supported)})"
             )
         takes_merges = (self.merges_crops and hasattr(method, "merge_crops")) if self.has_crops else self.merges_tokens
-        if getattr(method, "merges", False) and not takes_merges:
+        if method.merges and not takes_merges:
             raise ValueError(
                 f"method {method.name!r} merges tokens, which vtprune supports on single-resolution images of one "
                 "fixed layout (llava; llava_original without AnyRes packing) and, for methods with an AnyRes rule "
                 f"(visionzip), on LLaVA-NeXT; {type(self.model).__name__} is not supported yet"
             )
-        if getattr(method, "merges_in_place", False) and not self.merges_in_place:
+        if method.merges_in_place and not self.merges_in_place:
             raise ValueError(
                 f"method {method.name!r} with this option merges tokens in place, the official rule of towers "
                 f"without [CLS], which vtprune supports on Qwen2-VL and Qwen2.5-VL; {type(self.model).__name__} "
                 "is not supported"
             )
-        if getattr(method, "needs_projector", False) and self.projector() is None:
+        if method.needs_projector and self.projector() is None:
             raise ValueError(
                 f"method {method.name!r} merges vision features before the projector; the {self.family} adapter "
                 "does not say which module projects them"

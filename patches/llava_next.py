@@ -46,7 +46,7 @@ class LlavaNextAdapter(Adapter):
         return VisualInputs(scores=scores, packing=self.packing_map(arguments["image_sizes"]))
 
     def selector(self, method, layout):
-        if getattr(method, "merges", False):
+        if method.merges:
             return packed_merge_selector(method, layout, self.base.image_newline)
 
         def select(inputs, device):

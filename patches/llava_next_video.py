@@ -81,7 +81,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         return VisualInputs(scores=pooled, pixels=pixels, frames=tuple(pixels.shape[:2]))
 
     def selector(self, method, layout):
-        if getattr(method, "replaces_features", False):
+        if method.replaces_features:
             return self._quota_selector(method)
         frame = self.frame_layout()
 

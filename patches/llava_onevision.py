@@ -94,7 +94,7 @@ class LlavaOnevisionAdapter(Adapter):
 
     # -- selection ------------------------------------------------------------------------
     def selector(self, method, layout):
-        if getattr(method, "replaces_features", False):
+        if method.replaces_features:
             return self._quota_selector(method)
         frame = self.frame_layout()
 

@@ -177,9 +177,9 @@ class Qwen2VLAdapter(Adapter):
 
     # -- selection ------------------------------------------------------------------------
     def selector(self, method, layout):
-        if getattr(method, "replaces_features", False):
+        if method.replaces_features:
             return self._quota_selector(method)
-        if getattr(method, "merges_in_place", False):
+        if method.merges_in_place:
             return self._in_place_selector(method)
         merge = self.merge
 

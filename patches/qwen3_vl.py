@@ -53,7 +53,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     supports_feature_replacement = False
 
     def check_pre_llm(self, method) -> None:
-        if getattr(method, "replaces_features", False):
+        if method.replaces_features:
             raise ValueError(
                 f"method {method.name!r} replaces frames by resized ones; on {type(self.model).__name__} a resized "
                 "frame would need its own DeepStack features and each video frame is its own block between "

@@ -129,7 +129,7 @@ def fixed_layout_selector(method: Method, layout: VisualLayout):
     the :class:`~vtprune.types.TokenSelection` of its :class:`~vtprune.types.MergedTokens`, over
     the images the prompt splices in.
     """
-    if getattr(method, "merges", False):
+    if method.merges:
 
         def merge(inputs: PrefillInputs, device) -> TokenSelection | None:
             if method.keeps_everything(layout):

@@ -181,6 +181,13 @@ class Method:
     score: ClassVar[str | None] = None
     multi_crop_only: ClassVar[bool] = False  # budgets across AnyRes crops: needs a base image plus crops
     paper: ClassVar[str] = ""
+    # What a method asks of the adapter beyond a keep mask; an adapter refuses at patch time what it cannot give.
+    # Plain attributes, so that a method may compute one from its config (a property).
+    merges: bool = False  # answers with MergedTokens: the engine fills each image block's first columns
+    merges_in_place: bool = False  # rewrites kept tokens in place (VisionZip's rule for towers without [CLS])
+    needs_projector: bool = False  # merges vision features before the projector: the adapter sets ``projector``
+    replaces_features: bool = False  # the adapter writes resized frames, not only drops columns (quota)
+    stacks_probes: bool = False  # its probes reach ``select`` as one (images, N, channels) tensor
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -193,8 +200,11 @@ class Method:
     def vision_probes(self) -> dict[str, tuple[str, int | str]]:
         """Attention rows the adapter computes in the vision tower: name -> (kind, layer).
 
-        kind: "cls" (the [CLS] query's row) or "received" (attention each token receives, mean
-        over queries); layer: "feature" (the layer feeding the projector) or an encoder index.
+        kind: an attention row, "cls" (the [CLS] query's row), "cls_logits" (its pre-softmax
+        head-mean logits), "cls_single_head" (one head's row), "received" (attention each token
+        receives, mean over queries); keys, "keys" (head-mean) or "raw_keys"; or tokens, "hidden"
+        (the layer's output) or "embeds" (the projector's output). layer: "feature" (the layer
+        feeding the projector) or an encoder index.
         """
         return {"cls": ("cls", "feature")} if self.score == "cls_attention" else {}
 

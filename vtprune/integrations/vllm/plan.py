@@ -125,7 +125,7 @@ def serving_plan(hf_config, architecture: str, built_layers: int) -> ServingPlan
         raise ValueError(f"{prefix} cannot run in vLLM: {TEXT_REASON}")
     if method.size_budget(layout) is None:
         raise ValueError(f"{prefix} cannot run in vLLM: {SIZE_REASON}")
-    if getattr(method, "merges", False) or getattr(method, "replaces_features", False):
+    if method.merges or method.replaces_features:
         raise ValueError(
             f"{prefix} rewrites token values (merged or resized tokens); the vLLM integration keeps a subset of "
             "the tower's tokens only, so far: use fastervlm, fopru, random or uniform, or the transformers path"
