@@ -28,6 +28,7 @@ grids, pixels), to the stack for the next prefill of the same thread.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import threading
@@ -37,7 +38,7 @@ import torch
 
 from vtprune.engine.generation import continue_pruned_cache, placeholder_columns, refuse_chunked_prefill
 from vtprune.engine.in_llm import InLLMStage
-from vtprune.engine.pre_llm import PreLLMStage
+from vtprune.engine.pre_llm import PreLLMStage, visual_rows
 from vtprune.engine.probe import (
     cls_attention_row,
     cls_logit_row,
@@ -65,6 +66,12 @@ PROBES = {
 # sub-image, its tokens in order), so token probes ("embeds") line up with the tokens; stacked probes
 # (``Method.stacks_probes``) also need the encoder to go through ``Adapter._features_wrapper``
 TOKEN_PROBE_FAMILIES = ("llava", "llava_next", "llava_original")
+# families whose "embeds" probe is read off the LLM's input embeddings at each kind's visual columns
+# (the projector's output as the LLM receives it), shaped like their probe rows (Adapter.llm_tokens)
+LLM_TOKEN_FAMILIES = (
+    *("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"),
+    *("llava_onevision", "internvl", "gemma3", "idefics3", "smolvlm"),
+)
 STACKED_PROBE_FAMILIES = ("llava", "llava_next")
 
 
@@ -256,7 +263,7 @@ class Adapter:
         pre_stage = llm_stage = None
         if pre:
             self.check_pre_llm(pre[0])
-            pre_stage = (pre[0].name, PreLLMStage(pre[0], self.selector(pre[0], self.layout())))
+            pre_stage = (pre[0].name, PreLLMStage(pre[0], self.token_selector(pre[0])))
         if in_llm:
             llm_stage = (in_llm[0].name, InLLMStage(in_llm[0], self.backbone()))
         self.stack = StageStack(handle, self.text_config, pre_stage, llm_stage)
@@ -271,7 +278,8 @@ class Adapter:
                 if kind == "hidden":  # the layer's output, every token (VisionZip merges vision features)
                     hooks.append(self.vision_layer(layer).register_forward_hook(self._hidden_probe(name)))
                 elif kind == "embeds":  # the projector's output: the visual tokens in LLM space (DivPrune)
-                    hooks.append(self.projector().register_forward_hook(self._hidden_probe(name)))
+                    if self.family in TOKEN_PROBE_FAMILIES:  # the others read them at selection (token_selector)
+                        hooks.append(self.projector().register_forward_hook(self._hidden_probe(name)))
                 else:
                     hooks.extend(self.probe_hooks(name, kind, self.vision_attention(layer)))
             if pre[0].needs_projector:
@@ -303,7 +311,7 @@ class Adapter:
             self.vision_attention(layer)  # a layer outside the tower fails now
         embeds = any(kind == "embeds" for kind, _ in method.vision_probes().values())
         stacked = method.stacks_probes
-        supported = STACKED_PROBE_FAMILIES if stacked else TOKEN_PROBE_FAMILIES
+        supported = STACKED_PROBE_FAMILIES if stacked else TOKEN_PROBE_FAMILIES + LLM_TOKEN_FAMILIES
         if (embeds or stacked) and self.family not in supported:
             raise ValueError(
                 f"method {method.name!r} reads each image's tokens (vision features or projected tokens); the "
@@ -335,6 +343,29 @@ class Adapter:
         budget = self.budget_layout()
         if budget is not None and isinstance(method.config, BudgetConfig):
             method.config.num_keep(budget.num_tokens)  # a budget larger than an image fails now, not mid-forward
+
+    def token_selector(self, method):
+        """The family's selector; on :data:`LLM_TOKEN_FAMILIES` it first gives each kind's "embeds"
+        probes the LLM input embeddings at that kind's columns (:meth:`llm_tokens`)."""
+        select = self.selector(method, self.layout())
+        names = [name for name, (kind, _) in method.vision_probes().items() if kind == "embeds"]
+        if not names or self.family in TOKEN_PROBE_FAMILIES:
+            return select
+
+        def select_on_tokens(inputs: PrefillInputs, device):
+            visual = {}
+            for kind, info in inputs.visual.items():
+                tokens = self.llm_tokens(kind, info, inputs.kinds[kind], inputs.inputs_embeds)
+                visual[kind] = dataclasses.replace(info, scores={**info.scores, **dict.fromkeys(names, tokens)})
+            return select(dataclasses.replace(inputs, visual=visual), device)
+
+        return select_on_tokens
+
+    def llm_tokens(self, kind: str, info: VisualInputs, columns: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """A kind's visual tokens in LLM space, rows like its probe rows: ``embeds`` (B, L, D) at the
+        (B, L) ``columns``, in (row, column) order. Here (fixed layouts, tiles): (images, N, D)."""
+        rows = visual_rows(embeds, columns.to(embeds.device), int(columns.sum()))
+        return rows.view(-1, self.layout().num_tokens, rows.shape[-1])
 
     # -- the prefill trigger --------------------------------------------------------------------
     def prefill_triggers(self) -> list:

@@ -22,7 +22,9 @@ region's total over its tokens is its total over its patches, as on a tower with
 which the region-based allocations (HiRED's crop weights, GlobalCom²'s crop retention softmax over
 the thumbnail's blocks) depend on, and the [CLS] row stays a distribution over the tile's tokens.
 Only probes that give one score per patch are pooled this way; a method that reads token features
-from the tower is refused at patch time.
+from the tower is refused at patch time. DivPrune reads the projected tokens (the LLM input
+embeddings of each image's columns, :meth:`~vtprune.patches._base.Adapter.llm_tokens`), one
+(tiles, N, D) row per tile like the scores.
 
 Selection per image over its tiles (the AnyRes conventions of :mod:`vtprune.methods.highres`): the
 thumbnail is the base image (row 0 of a :class:`~vtprune.types.CropLayout`; the model's last tile)
@@ -37,7 +39,7 @@ crops tile the same image resized, so the true grid matches up to resampling; a 
 scrambles the picture. This reads one number per image back to the host per prefill, as the
 tile counts do.
 
-fastervlm, fopru, random, uniform, hired and globalcom2 run, and the in-LLM methods (fastv, pdrop) on
+fastervlm, fopru, random, uniform, hired, globalcom2 and divprune run, and the in-LLM methods (fastv, pdrop) on
 the Qwen2 / Qwen3 decoders; quota (frame-replacing) is refused at patch time.
 """
 
@@ -87,12 +89,12 @@ class InternVLAdapter(Adapter):
 
     def check_pre_llm(self, method) -> None:
         super().check_pre_llm(method)
-        features = sorted(kind for kind, _ in method.vision_probes().values() if kind not in SCORE_PROBES)
+        features = sorted(kind for kind, _ in method.vision_probes().values() if kind not in (*SCORE_PROBES, "embeds"))
         if features:
             raise ValueError(
                 f"method {method.name!r} reads {', '.join(features)} from the vision tower, but an InternVL token is "
                 "a 2 x 2 block of patches (pixel shuffle) and vtprune pools only per-patch scores over a block; "
-                "use fastervlm, fopru, random, uniform, hired or globalcom2"
+                "use fastervlm, fopru, random, uniform, hired, globalcom2 or divprune"
             )
 
     # -- the tower --------------------------------------------------------------------------------

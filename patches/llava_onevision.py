@@ -40,6 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from vtprune.engine.pre_llm import visual_rows
 from vtprune.patches import register_adapter
 from vtprune.patches._anyres import anyres_image, select_packed
 from vtprune.patches._base import IMAGES_AND_VIDEOS, Adapter, scatter_kinds
@@ -91,6 +92,23 @@ class LlavaOnevisionAdapter(Adapter):
             for name, s in scores.items()
         }
         return VisualInputs(scores=scores, pixels=pixels, frames=tuple(pixels.shape[:2]))
+
+    def llm_tokens(self, kind, info, columns, embeds) -> torch.Tensor:
+        """The LLM input embeddings of a kind's columns as its probe rows: per image (sub-images, N, D)
+        unpacked with its packing map (tokens lost to unpadding are ones, never candidates), per video
+        (frames, pooled N, D) without its trailing newline."""
+        rows = visual_rows(embeds, columns.to(embeds.device), int(columns.sum()))
+        if kind == "video":
+            videos, frames = info.frames
+            return rows.view(videos, -1, rows.shape[-1])[:, :-1].reshape(videos * frames, -1, rows.shape[-1])
+        parts, first = [], 0
+        for image in info.packing:  # a few images per batch
+            placed = (image.token_map >= 0).nonzero().flatten()  # on the CPU, as the packing map
+            tokens = rows.new_ones(image.valid.numel(), rows.shape[-1])
+            tokens[image.token_map[placed].to(rows.device)] = rows[first + placed.to(rows.device)]
+            parts.append(tokens.view(*image.valid.shape, -1))
+            first += image.token_map.numel()
+        return torch.cat(parts)
 
     # -- selection ------------------------------------------------------------------------
     def selector(self, method, layout):

@@ -175,6 +175,10 @@ class Qwen2VLAdapter(Adapter):
         pixels = arguments["pixel_values" if kind == "image" else "pixel_values_videos"]
         return VisualInputs(scores=scores, pixels=pixels, grids=torch.as_tensor(grids).tolist())
 
+    def llm_tokens(self, kind, info, columns, embeds) -> torch.Tensor:
+        """(tokens of all items, D): one row per merged token, in the LLM's order, as the probes."""
+        return visual_rows(embeds, columns.to(embeds.device), int(columns.sum()))
+
     # -- selection ------------------------------------------------------------------------
     def selector(self, method, layout):
         if method.replaces_features:
@@ -190,7 +194,7 @@ class Qwen2VLAdapter(Adapter):
                 for t, h, w in info.grids:  # a few images / videos per batch
                     frame = VisualLayout(num_tokens=(h // merge) * (w // merge), grid=(h // merge, w // merge))
                     count = t * frame.num_tokens
-                    scores = {name: s[first : first + count].view(t, -1) for name, s in info.scores.items()}
+                    scores = {name: s[first : first + count].unflatten(0, (t, -1)) for name, s in info.scores.items()}
                     keep, kept_all = select_frames(method, scores, t, frame, device)
                     parts.append(keep)
                     everything &= kept_all

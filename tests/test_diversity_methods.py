@@ -209,6 +209,40 @@ def test_divprune_on_llava_prunes_the_projected_tokens_the_llm_receives():
     assert handle.last.stages[0].kept[0].tolist() == sorted(official.tolist())
 
 
+def divprune_kept(model, inputs, ratio):
+    with vtprune.patched(model, "divprune", keep_ratio=ratio) as handle, torch.no_grad():
+        model(**inputs)
+    return [kept.tolist() for kept in handle.last.stages[0].kept]
+
+
+@pytest.mark.parametrize(
+    ("family", "ratio", "image_tokens"),
+    [
+        # Qwen2-VL: one image (one temporal slice) per sample, the merger's tokens
+        ("qwen2_vl", 0.5, lambda model, s: model.model.get_image_features(s["pixel_values"], s["image_grid_thw"])),
+        # InternVL: the pixel-shuffled, projected tokens of every tile of the image (crops, then the thumbnail)
+        ("internvl", 0.25, lambda model, s: model.model.get_image_features(pixel_values=s["pixel_values"])),
+    ],
+)
+def test_divprune_prunes_the_llm_input_embeddings_of_each_image(family, ratio, image_tokens):
+    """Without a projector probe: the official max-min over each image's projected tokens (the unpatched
+    model's get_image_features), the whole image at once; a batch keeps what each sample keeps alone."""
+    import contract_cases
+
+    case = getattr(contract_cases, family)()
+    alone = []
+    for sample in case.samples:
+        with torch.no_grad():
+            tokens = image_tokens(case.model, sample).pooler_output
+        tokens = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens]).float()
+        official = official_divprune(tokens, ratio)
+        assert 0 < official.numel() < tokens.shape[0]
+        kept = divprune_kept(case.model, sample, ratio)
+        assert kept == [sorted(official.tolist())]
+        alone += kept
+    assert divprune_kept(case.model, case.batch, ratio) == alone
+
+
 def test_vispruner_on_llava_uses_the_feature_layer_attention_and_output():
     """The signals as the official feature_select takes them: ``attentions[-2]`` (layer 22 of 24, here the
     layer vision_feature_layer names) [CLS] row over the patches, head-mean, and ``hidden_states[-2][:, 1:]``."""

@@ -33,8 +33,18 @@ Where it deliberately differs:
 - LLaVA-NeXT: newline tokens are not candidates; they follow vtprune's AnyRes rule (a row's
   newline stays iff the row keeps a token), where the official code lets them compete as tokens.
 
-Runs on the families whose adapter hands over each image's projected tokens (LLaVA-1.5,
-LLaVA-NeXT, the original LLaVA package); the others refuse at patch time.
+Where it runs: the tokens are the LLM input embeddings at the image's visual columns, which are the
+projector's output (the visual tokens in LLM space). LLaVA-1.5, LLaVA-NeXT and the original LLaVA
+package hand them over from a hook on the projector; Qwen2-VL, Qwen2.5-VL, Qwen3-VL (+ MoE),
+LLaVA-OneVision, InternVL, Gemma 3, Idefics3 and SmolVLM read them off the LLM's ``inputs_embeds``
+at selection (``Adapter.token_selector``). Each family's selector sets what one image is:
+- one budget per image / tile (Gemma 3, Idefics3 / SmolVLM: every tile and the global image on
+  its own, as those selectors treat them);
+- one budget over the whole image (``budget="global"``) across its sub-images: LLaVA-OneVision's
+  base image and unpadded crops (newlines as LLaVA-NeXT), InternVL's tiles (thumbnail and crops);
+- videos per frame: Qwen2-VL / Qwen2.5-VL / Qwen3-VL per temporal slice, LLaVA-OneVision per
+  pooled frame (its trailing newline kept); InternVL takes video frames as tiles.
+The other families (LLaVA-NeXT-Video) refuse at patch time.
 """
 
 from __future__ import annotations
