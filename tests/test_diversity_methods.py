@@ -243,6 +243,34 @@ def test_divprune_prunes_the_llm_input_embeddings_of_each_image(family, ratio, i
     assert divprune_kept(case.model, case.batch, ratio) == alone
 
 
+def test_divprune_on_qwen2_vl_video_prunes_each_temporal_slice_on_its_own():
+    """An image and a two-slice video: the official max-min on the image's merged tokens and on each
+    temporal slice of the video's (the unpatched model's get_image_features / get_video_features)."""
+    import contract_cases
+    from helpers import qwen2_vl_pixels, qwen2_vl_prompt
+
+    model = contract_cases.qwen2_vl().model
+    image, video = (1, 4, 6), (2, 4, 8)  # 6 tokens; 2 slices of 8 tokens
+    ids, types = qwen2_vl_prompt([3, 2, 4], [image, video], ["image", "video"], seed=3)
+    inputs = {
+        "input_ids": ids[None],
+        "mm_token_type_ids": types[None],
+        "pixel_values": qwen2_vl_pixels([image], seed=3),
+        "image_grid_thw": torch.tensor([image]),
+        "pixel_values_videos": qwen2_vl_pixels([video], seed=4),
+        "video_grid_thw": torch.tensor([video]),
+    }
+    with torch.no_grad():
+        image_tokens = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        video_tokens = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    parts = [image_tokens.pooler_output[0], *video_tokens.pooler_output[0].float().chunk(2)]
+    expected, first = [], 0
+    for tokens in parts:
+        expected += [first + i for i in sorted(official_divprune(tokens.float(), 0.5).tolist())]
+        first += tokens.shape[0]
+    assert divprune_kept(model, inputs, 0.5) == [expected]
+
+
 def test_vispruner_on_llava_uses_the_feature_layer_attention_and_output():
     """The signals as the official feature_select takes them: ``attentions[-2]`` (layer 22 of 24, here the
     layer vision_feature_layer names) [CLS] row over the patches, head-mean, and ``hidden_states[-2][:, 1:]``."""
