@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.methods.base import BudgetConfig, Method
-from vtprune.methods.highres import CropLayout, subimage_budgets
+from vtprune.methods.highres import CropLayout, select_each_subimage
 from vtprune.registry import register_method
 
 
@@ -203,17 +203,13 @@ class CDPruner(Method):
         return torch.cat(picks).sort(dim=-1).values
 
     def select_crops(self, scores: dict, crops: CropLayout) -> torch.Tensor:
-        stacked, valid, host = scores["stacked"], crops.valid, crops.host_valid
+        stacked, valid = scores["stacked"], crops.valid
         if isinstance(self.config.query, (list, tuple)):
             raise ValueError("cdpruner on high-resolution (AnyRes) images takes one query for the batch (a str)")
         (query,) = self.queries(1)
         features, relevance = self.signals(stacked, query, valid)
-        budgets = subimage_budgets(CropLayout(crops.grid, crops.crop_grid, host), self.config).tolist()  # CPU
-        keep = torch.zeros_like(valid)
-        for row, budget in enumerate(budgets):  # a few sub-images per image
-            tokens = host[row].nonzero().flatten().to(valid.device)
-            if budget == 0:
-                continue
-            picks = dpp_picks(features[row, tokens][None], relevance[row, tokens][None], budget)
-            keep[row, tokens[picks[0]]] = True
-        return keep
+
+        def picks(row, tokens, budget):
+            return dpp_picks(features[row, tokens][None], relevance[row, tokens][None], budget)[0]
+
+        return select_each_subimage(crops, self.config, picks)

@@ -95,6 +95,19 @@ def subimage_budgets(layout: CropLayout, config) -> torch.Tensor:
     return per_image
 
 
+def select_each_subimage(crops: CropLayout, config, picks) -> torch.Tensor:
+    """(S, N) bool keep over an AnyRes image's sub-images, each keeping its
+    :func:`subimage_budgets` share: ``picks(row, tokens, budget)`` returns the indices (into
+    ``tokens``, the sub-image's existing token columns) it keeps. Budgets are Python ints (CPU)."""
+    budgets = subimage_budgets(CropLayout(crops.grid, crops.crop_grid, crops.host_valid), config).tolist()
+    keep = torch.zeros_like(crops.valid)
+    for row, budget in enumerate(budgets):  # a few sub-images per image
+        if budget:
+            tokens = crops.host_valid[row].nonzero().flatten().to(crops.valid.device)
+            keep[row, tokens[picks(row, tokens, budget)]] = True
+    return keep
+
+
 def keep_rows_then_fill(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
     """FoPru's row strategy on (S, N) grids of ``width`` columns: whole rows, then the best tokens.
 

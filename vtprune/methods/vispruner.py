@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.methods.base import BudgetConfig, Method
-from vtprune.methods.highres import CropLayout, subimage_budgets
+from vtprune.methods.highres import CropLayout, select_each_subimage
 from vtprune.registry import register_method
 
 MAX_DROPPED_PER_ROUND = 8
@@ -115,14 +115,10 @@ class VisPruner(Method):
         return kept.sort(dim=-1).values
 
     def select_crops(self, scores: dict, crops: CropLayout) -> torch.Tensor:
-        stacked, valid, host = scores["stacked"], crops.valid, crops.host_valid
-        budgets = subimage_budgets(CropLayout(crops.grid, crops.crop_grid, host), self.config).tolist()  # CPU
-        keep = torch.zeros_like(valid)
-        for row, budget in enumerate(budgets):  # a few sub-images per image
-            tokens = host[row].nonzero().flatten().to(valid.device)
-            if budget == 0:
-                continue
+        stacked = scores["stacked"]
+
+        def picks(row, tokens, budget):
             sub = stacked[row, tokens][None]
-            kept = vispruner_picks(sub[..., 0], sub[..., 1:], budget, self.config.important_ratio)
-            keep[row, tokens[kept[0]]] = True
-        return keep
+            return vispruner_picks(sub[..., 0], sub[..., 1:], budget, self.config.important_ratio)[0]
+
+        return select_each_subimage(crops, self.config, picks)
