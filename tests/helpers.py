@@ -120,6 +120,24 @@ def qwen2_vl_prompt(text_lengths, grids, kinds=None, merge=2, seed=0, vocab=128)
     return torch.cat(ids), torch.cat(types)
 
 
+def qwen2_vl_inputs(grids, kinds=None, seed=0, text=(3, 4), seconds=None) -> dict:
+    """A one-sample Qwen-VL forward's inputs: text runs (``text``, then 2 tokens between blocks) around
+    one visual block per (t, h, w) grid; kinds: "image" / "video" per grid (default all images);
+    seconds: ``second_per_grid_ts`` of every video (Qwen2.5-VL), or None."""
+    kinds = kinds or ["image"] * len(grids)
+    ids, types = qwen2_vl_prompt(list(text) + [2] * (len(grids) - 1), grids, kinds, seed=seed)
+    kw = {"input_ids": ids[None], "mm_token_type_ids": types[None]}
+    images = [g for g, k in zip(grids, kinds, strict=True) if k == "image"]
+    videos = [g for g, k in zip(grids, kinds, strict=True) if k == "video"]
+    if images:
+        kw |= {"pixel_values": qwen2_vl_pixels(images, seed=seed), "image_grid_thw": torch.tensor(images)}
+    if videos:
+        kw |= {"pixel_values_videos": qwen2_vl_pixels(videos, seed=seed + 1), "video_grid_thw": torch.tensor(videos)}
+        if seconds is not None:
+            kw["second_per_grid_ts"] = torch.full((len(videos),), seconds)
+    return kw
+
+
 def clip_images(n, seed=0):
     """(n, 3, 32, 32) random pixels for the tiny 32 px CLIP towers (4 x 4 patches)."""
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))

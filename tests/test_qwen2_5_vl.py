@@ -10,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from helpers import qwen2_vl_pixels, qwen2_vl_prompt
+from helpers import qwen2_vl_inputs
 
 import vtprune
 from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, tiny_qwen2_5_vl
@@ -25,20 +25,7 @@ def model():
     return tiny_qwen2_5_vl(seed=1)
 
 
-def inputs(grids, kinds, seed=0, text=(3, 4)):
-    ids, types = qwen2_vl_prompt(list(text) + [2] * (len(grids) - 1), grids, kinds, seed=seed)
-    kw = {"input_ids": ids[None], "mm_token_type_ids": types[None]}
-    images = [g for g, k in zip(grids, kinds, strict=True) if k == "image"]
-    videos = [g for g, k in zip(grids, kinds, strict=True) if k == "video"]
-    if images:
-        kw |= {"pixel_values": qwen2_vl_pixels(images, seed=seed), "image_grid_thw": torch.tensor(images)}
-    if videos:
-        kw |= {
-            "pixel_values_videos": qwen2_vl_pixels(videos, seed=seed + 1),
-            "video_grid_thw": torch.tensor(videos),
-            "second_per_grid_ts": torch.full((len(videos),), SECONDS),
-        }
-    return kw
+inputs = functools.partial(qwen2_vl_inputs, seconds=SECONDS)
 
 
 def rope_positions(kw, tokens_per_second=2, merge=2) -> torch.Tensor:

@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 from conftest import hook_counts
-from helpers import left_pad, qwen2_vl_pixels, qwen2_vl_prompt
+from helpers import left_pad, qwen2_vl_inputs
 
 import vtprune
 from vtprune.evals.models.transformers_vlms import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, tiny_qwen2_vl
@@ -24,17 +24,7 @@ def model(attn="sdpa"):
     return tiny_qwen2_vl(seed=1, attn_implementation=attn)
 
 
-def inputs(grids, kinds=None, seed=0, text=(3, 4)):
-    kinds = kinds or ["image"] * len(grids)
-    ids, types = qwen2_vl_prompt(list(text) + [2] * (len(grids) - 1), grids, kinds, seed=seed)
-    kw = {"input_ids": ids[None], "mm_token_type_ids": types[None]}
-    images = [g for g, k in zip(grids, kinds, strict=True) if k == "image"]
-    videos = [g for g, k in zip(grids, kinds, strict=True) if k == "video"]
-    if images:
-        kw |= {"pixel_values": qwen2_vl_pixels(images, seed=seed), "image_grid_thw": torch.tensor(images)}
-    if videos:
-        kw |= {"pixel_values_videos": qwen2_vl_pixels(videos, seed=seed + 1), "video_grid_thw": torch.tensor(videos)}
-    return kw
+inputs = qwen2_vl_inputs
 
 
 def greedy(m, steps=4, **kw):
