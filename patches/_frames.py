@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.methods.base import BudgetConfig
+from vtprune.patches._anyres import select_packed
+from vtprune.patches._base import scatter_kinds
 from vtprune.types import CropLayout, TokenSelection, VisualLayout
 
 
@@ -115,3 +117,29 @@ def plan_frame_sets(method, sets: list[FrameSet], columns: torch.Tensor) -> tupl
     if bool(keep.all()) and all(grid == s.grid for s, p in zip(sets, plans) for grid in p.grids):
         return TokenSelection(None, stats=stats), plans
     return TokenSelection(keep, replace, torch.cat(values), stats), plans
+
+
+def images_and_frames_selector(method, layout: VisualLayout, frame: VisualLayout, video_newline: bool):
+    """``select(inputs, device)`` for AnyRes images (``layout``, their packing) and videos of pooled
+    ``frame`` grids, each frame selected like a lone image; ``video_newline``: each video's columns end
+    with one newline, always kept (LLaVA-OneVision), or none (LLaVA-NeXT-Video)."""
+
+    def select(inputs, device):
+        visual = inputs.visual
+        if method.keeps_everything(layout) and ("video" not in visual or method.keeps_everything(frame)):
+            return None
+        keeps = {}
+        if "image" in visual:
+            images = visual["image"]
+            keeps["image"] = select_packed(method, layout.grid, images.packing, images.scores, device)
+        if "video" in visual:
+            video = visual["video"]
+            videos, frames = video.frames
+            parts = select_lone_frames(method, video.scores, videos * frames, frame, device)
+            if video_newline:
+                newline = parts[0][:1].new_ones(1)
+                parts = [c for v in range(videos) for c in (*parts[v * frames : (v + 1) * frames], newline)]
+            keeps["video"] = torch.cat(parts)
+        return scatter_kinds(inputs, keeps, device)
+
+    return select

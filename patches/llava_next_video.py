@@ -26,13 +26,11 @@ An image prompt under QuoTA is refused when it arrives: AnyRes images are not fr
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from vtprune.patches import register_adapter
-from vtprune.patches._anyres import select_packed
-from vtprune.patches._base import IMAGES_AND_VIDEOS, scatter_kinds
-from vtprune.patches._frames import FrameSet, plan_frame_sets, select_lone_frames
+from vtprune.patches._base import IMAGES_AND_VIDEOS
+from vtprune.patches._frames import FrameSet, images_and_frames_selector, plan_frame_sets
 from vtprune.patches.llava_next import LlavaNextAdapter
 from vtprune.types import VisualInputs, VisualLayout
 
@@ -83,23 +81,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     def selector(self, method, layout):
         if method.replaces_features:
             return self._quota_selector(method)
-        frame = self.frame_layout()
-
-        def select(inputs, device):
-            visual = inputs.visual
-            if method.keeps_everything(layout) and ("video" not in visual or method.keeps_everything(frame)):
-                return None
-            keeps = {}
-            if "image" in visual:
-                images = visual["image"]
-                keeps["image"] = select_packed(method, layout.grid, images.packing, images.scores, device)
-            if "video" in visual:
-                video = visual["video"]
-                frames = video.frames[0] * video.frames[1]
-                keeps["video"] = torch.cat(select_lone_frames(method, video.scores, frames, frame, device))
-            return scatter_kinds(inputs, keeps, device)
-
-        return select
+        return images_and_frames_selector(method, layout, self.frame_layout(), video_newline=False)
 
     def _quota_selector(self, method):
         """QuoTA per video: its frames are ``frame_layout`` grids, in order (no newline); the plan's resized

@@ -42,9 +42,9 @@ import torch.nn.functional as F
 
 from vtprune.engine.pre_llm import visual_rows
 from vtprune.patches import register_adapter
-from vtprune.patches._anyres import anyres_image, select_packed
-from vtprune.patches._base import IMAGES_AND_VIDEOS, Adapter, scatter_kinds
-from vtprune.patches._frames import FrameSet, plan_frame_sets, select_lone_frames
+from vtprune.patches._anyres import anyres_image
+from vtprune.patches._base import IMAGES_AND_VIDEOS, Adapter
+from vtprune.patches._frames import FrameSet, images_and_frames_selector, plan_frame_sets
 from vtprune.types import TokenSelection, VisualInputs, VisualLayout
 
 NEWLINE = -1.0e6  # marker value of newline columns in the coordinate packing
@@ -114,27 +114,7 @@ class LlavaOnevisionAdapter(Adapter):
     def selector(self, method, layout):
         if method.replaces_features:
             return self._quota_selector(method)
-        frame = self.frame_layout()
-
-        def select(inputs, device):
-            visual = inputs.visual
-            if method.keeps_everything(layout) and ("video" not in visual or method.keeps_everything(frame)):
-                return None
-            keeps = {}
-            if "image" in visual:
-                images = visual["image"]
-                keeps["image"] = select_packed(method, layout.grid, images.packing, images.scores, device)
-            if "video" in visual:
-                video = visual["video"]
-                videos, frames = video.frames
-                parts = select_lone_frames(method, video.scores, videos * frames, frame, device)
-                newline = parts[0][:1].new_ones(1)
-                keeps["video"] = torch.cat(
-                    [c for v in range(videos) for c in (*parts[v * frames : (v + 1) * frames], newline)]
-                )
-            return scatter_kinds(inputs, keeps, device)
-
-        return select
+        return images_and_frames_selector(method, layout, self.frame_layout(), video_newline=True)
 
     def _quota_selector(self, method):
         """QuoTA: per frame set (a video, or one sample's images), the method's plan replaces the
